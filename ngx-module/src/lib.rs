@@ -1,0 +1,1 @@
+//! nginx module (to come).
