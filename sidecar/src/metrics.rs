@@ -1,0 +1,416 @@
+//! The sidecar's Prometheus metrics: one [`Metrics`] value owning its own `Registry` and a
+//! typed handle per metric, built once at start and shared by `Arc`.
+//!
+//! No global (`lazy_static!`) metrics: tests build as many independent registries as they
+//! like, and everything exported is visible here in one place. Names carry the `logtally_`
+//! prefix and their unit (`_seconds`, `_bytes`, `_total` for counters); `docs/metrics.md`
+//! explains each one.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::config::Rule;
+
+/// Flush duration buckets (seconds): a healthy flush is milliseconds, a struggling database
+/// pushes it to seconds, and the retry backoff caps what one attempt can take.
+const FLUSH_DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Every metric the sidecar exports. Fields are the handles to update; the registry is
+/// private so nothing registers behind this struct's back.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Event records decoded from the spool.
+    pub events_read: IntCounter,
+    /// Corrupt frames skipped (bad CRC, bad length, undecodable payload).
+    pub decode_errors: IntCounter,
+    /// Bytes skipped while resynchronising past corrupt frames.
+    pub corrupt_bytes: IntCounter,
+    /// Times the reader found an incomplete frame at the end of an unsealed segment and
+    /// waited for the writer to finish it.
+    pub torn_tail_waits: IntCounter,
+    /// Events the nginx module dropped (full queue, write error), from spool drop markers.
+    pub module_dropped_events: IntCounter,
+    /// Flushes that committed.
+    pub flushes_ok: IntCounter,
+    /// Flush attempts that failed (the aggregates stay pending and are retried).
+    pub flushes_error: IntCounter,
+    /// Wall time of one flush attempt, committed or not.
+    pub flush_duration: Histogram,
+    /// Rows upserted per rule (label `rule` = the rule's table).
+    pub rows_upserted: IntCounterVec,
+    /// Field values a sum/min/max could not parse as a decimal (labels `rule`, `metric`).
+    pub bad_values: IntCounterVec,
+    /// Database operations that failed (connect, query, commit).
+    pub database_errors: IntCounter,
+    /// Bytes in the spool not yet committed (sum over segments of size − committed offset).
+    pub lag_bytes: IntGauge,
+    /// Age of the oldest event read but not yet committed; 0 when nothing is pending.
+    pub lag_seconds: Gauge,
+    /// Aggregate keys held in memory, all rules together.
+    pub pending_keys: IntGauge,
+    /// Spool segments the reader currently tracks.
+    pub segments_open: IntGauge,
+    /// Sealed, fully committed segments removed from the spool.
+    pub segments_deleted: IntCounter,
+    /// Checkpoint records appended (and fsynced) to the local binlog.
+    pub binlog_writes: IntCounter,
+    /// 1 while the database is reachable (last operation succeeded), else 0.
+    pub database_up: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Builds and registers every metric, plus the process collector (CPU, memory, open
+    /// file descriptors of this process, where the platform supports it).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let int_gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+
+        let events_read = counter(
+            "logtally_events_read_total",
+            "Event records read from the spool.",
+        )?;
+        let decode_errors = counter(
+            "logtally_decode_errors_total",
+            "Corrupt spool frames skipped (bad CRC, length or payload).",
+        )?;
+        let corrupt_bytes = counter(
+            "logtally_corrupt_bytes_total",
+            "Spool bytes skipped while resynchronising past corrupt frames.",
+        )?;
+        let torn_tail_waits = counter(
+            "logtally_torn_tail_waits_total",
+            "Times the reader met an incomplete frame at the end of an open segment and waited.",
+        )?;
+        let module_dropped_events = counter(
+            "logtally_module_dropped_events_total",
+            "Events the nginx module dropped, as reported by spool drop markers.",
+        )?;
+        let flushes = IntCounterVec::new(
+            Opts::new(
+                "logtally_flushes_total",
+                "Flush attempts by outcome (ok, error).",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(flushes.clone()))?;
+        // Both series exist from the start so `rate()` and alerts see a 0, not a gap.
+        let flushes_ok = flushes.with_label_values(&["ok"]);
+        let flushes_error = flushes.with_label_values(&["error"]);
+        let flush_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "logtally_flush_duration_seconds",
+                "Wall time of one flush attempt (upserts, checkpoint, commit).",
+            )
+            .buckets(FLUSH_DURATION_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(flush_duration.clone()))?;
+        let rows_upserted = IntCounterVec::new(
+            Opts::new(
+                "logtally_rows_upserted_total",
+                "Aggregate rows upserted, per rule table.",
+            ),
+            &["rule"],
+        )?;
+        registry.register(Box::new(rows_upserted.clone()))?;
+        let bad_values = IntCounterVec::new(
+            Opts::new(
+                "logtally_bad_values_total",
+                "Field values a sum/min/max metric could not parse as a decimal.",
+            ),
+            &["rule", "metric"],
+        )?;
+        registry.register(Box::new(bad_values.clone()))?;
+        let database_errors = counter(
+            "logtally_database_errors_total",
+            "Failed database operations.",
+        )?;
+        let lag_bytes = int_gauge(
+            "logtally_lag_bytes",
+            "Spool bytes written but not yet committed to the database.",
+        )?;
+        let lag_seconds = Gauge::new(
+            "logtally_lag_seconds",
+            "Age of the oldest event read but not yet committed (0 when none is pending).",
+        )?;
+        registry.register(Box::new(lag_seconds.clone()))?;
+        let pending_keys = int_gauge(
+            "logtally_pending_keys",
+            "Aggregate keys held in memory, all rules.",
+        )?;
+        let segments_open = int_gauge(
+            "logtally_segments_open",
+            "Spool segments the reader is tracking.",
+        )?;
+        let segments_deleted = counter(
+            "logtally_segments_deleted_total",
+            "Sealed, fully committed spool segments deleted.",
+        )?;
+        let binlog_writes = counter(
+            "logtally_binlog_writes_total",
+            "Checkpoint records appended and fsynced to the local binlog.",
+        )?;
+        let database_up = int_gauge(
+            "logtally_database_up",
+            "1 if the last database operation succeeded, else 0.",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "logtally_build_info",
+                "Always 1; the label carries the sidecar version.",
+            ),
+            &["version"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        Ok(Metrics {
+            registry,
+            events_read,
+            decode_errors,
+            corrupt_bytes,
+            torn_tail_waits,
+            module_dropped_events,
+            flushes_ok,
+            flushes_error,
+            flush_duration,
+            rows_upserted,
+            bad_values,
+            database_errors,
+            lag_bytes,
+            lag_seconds,
+            pending_keys,
+            segments_open,
+            segments_deleted,
+            binlog_writes,
+            database_up,
+        })
+    }
+
+    /// Creates the per-rule series at 0 so every rule shows up before its first flush
+    /// (an absent series and a zero one differ for `rate()` and `absent()`).
+    pub fn init_rules(&self, rules: &[Rule]) {
+        use crate::config::MetricKind;
+        for rule in rules {
+            self.rows_upserted.with_label_values(&[rule.table.as_str()]);
+            for m in &rule.metrics {
+                if !matches!(m.kind, MetricKind::Count) {
+                    self.bad_values
+                        .with_label_values(&[rule.table.as_str(), m.column.as_str()]);
+                }
+            }
+        }
+    }
+
+    /// Counts rows upserted for one rule (by its table name).
+    pub fn add_rows_upserted(&self, table: &str, rows: u64) {
+        self.rows_upserted.with_label_values(&[table]).inc_by(rows);
+    }
+
+    /// Counts unparsable values of one metric column of one rule.
+    pub fn add_bad_values(&self, table: &str, column: &str, n: u64) {
+        self.bad_values
+            .with_label_values(&[table, column])
+            .inc_by(n);
+    }
+
+    /// The flush counter for an outcome label, for callers holding the outcome as data.
+    pub fn flushes(&self, ok: bool) -> &IntCounter {
+        if ok {
+            &self.flushes_ok
+        } else {
+            &self.flushes_error
+        }
+    }
+
+    /// The whole registry in the Prometheus text format: `(content type, body)`.
+    pub fn encode(&self) -> (String, Vec<u8>) {
+        let encoder = TextEncoder::new();
+        let mut body = Vec::with_capacity(8 * 1024);
+        if let Err(error) = encoder.encode(&self.registry.gather(), &mut body) {
+            // Only a malformed metric family can fail here (writing to a Vec cannot); serve
+            // what was encoded so a scrape still sees the rest.
+            tracing::warn!(%error, "encoding metrics");
+        }
+        (encoder.format_type().to_string(), body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Metric, MetricKind};
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.encode().1).unwrap()
+    }
+
+    /// The value of the sample line that starts with `series ` (exact series text).
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+            .map(|v| v.parse().unwrap())
+    }
+
+    #[test]
+    fn every_named_metric_is_exported_with_prefix_and_type() {
+        let m = Metrics::new().unwrap();
+        let (content_type, _) = m.encode();
+        assert!(content_type.starts_with("text/plain"), "{content_type}");
+        assert!(content_type.contains("version=0.0.4"), "{content_type}");
+        let t = text(&m);
+        for (name, kind) in [
+            ("logtally_events_read_total", "counter"),
+            ("logtally_decode_errors_total", "counter"),
+            ("logtally_corrupt_bytes_total", "counter"),
+            ("logtally_torn_tail_waits_total", "counter"),
+            ("logtally_module_dropped_events_total", "counter"),
+            ("logtally_flushes_total", "counter"),
+            ("logtally_flush_duration_seconds", "histogram"),
+            ("logtally_database_errors_total", "counter"),
+            ("logtally_lag_bytes", "gauge"),
+            ("logtally_lag_seconds", "gauge"),
+            ("logtally_pending_keys", "gauge"),
+            ("logtally_segments_open", "gauge"),
+            ("logtally_segments_deleted_total", "counter"),
+            ("logtally_binlog_writes_total", "counter"),
+            ("logtally_database_up", "gauge"),
+            ("logtally_build_info", "gauge"),
+        ] {
+            assert!(
+                t.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} missing:\n{t}"
+            );
+        }
+        // Label vectors appear once a series exists (see init_rules).
+        assert_eq!(
+            sample(&t, "logtally_flushes_total{outcome=\"ok\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&t, "logtally_flushes_total{outcome=\"error\"}"),
+            Some(0.0)
+        );
+        #[cfg(target_os = "linux")]
+        assert!(t.contains("process_resident_memory_bytes"), "{t}");
+        for line in t.lines().filter(|l| !l.starts_with('#')) {
+            assert!(
+                line.starts_with("logtally_") || line.starts_with("process_"),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn updates_show_in_the_exposition() {
+        let m = Metrics::new().unwrap();
+        m.events_read.inc_by(42);
+        m.flushes(true).inc();
+        m.flushes(false).inc_by(2);
+        m.flush_duration.observe(0.003);
+        m.lag_seconds.set(1.5);
+        m.add_rows_upserted("ad_events_1m", 7);
+        m.add_bad_values("ad_events_1m", "bytes", 3);
+        let t = text(&m);
+        assert_eq!(sample(&t, "logtally_events_read_total"), Some(42.0));
+        assert_eq!(
+            sample(&t, "logtally_flushes_total{outcome=\"ok\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "logtally_flushes_total{outcome=\"error\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&t, "logtally_flush_duration_seconds_count"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&t, "logtally_flush_duration_seconds_bucket{le=\"0.0025\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&t, "logtally_flush_duration_seconds_bucket{le=\"0.005\"}"),
+            Some(1.0)
+        );
+        assert_eq!(sample(&t, "logtally_lag_seconds"), Some(1.5));
+        assert_eq!(
+            sample(&t, "logtally_rows_upserted_total{rule=\"ad_events_1m\"}"),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "logtally_bad_values_total{metric=\"bytes\",rule=\"ad_events_1m\"}"
+            ),
+            Some(3.0)
+        );
+    }
+
+    #[test]
+    fn init_rules_creates_zero_series_for_non_count_metrics_only() {
+        let m = Metrics::new().unwrap();
+        m.init_rules(&[Rule {
+            table: "t1".into(),
+            bucket: std::time::Duration::from_secs(60),
+            group_by: vec!["ad".into()],
+            metrics: vec![
+                Metric {
+                    column: "events".into(),
+                    kind: MetricKind::Count,
+                },
+                Metric {
+                    column: "rt_max".into(),
+                    kind: MetricKind::Max("rt".into()),
+                },
+            ],
+        }]);
+        let t = text(&m);
+        assert_eq!(
+            sample(&t, "logtally_rows_upserted_total{rule=\"t1\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "logtally_bad_values_total{metric=\"rt_max\",rule=\"t1\"}"
+            ),
+            Some(0.0)
+        );
+        assert!(!t.contains("metric=\"events\""), "{t}");
+    }
+
+    #[test]
+    fn registries_are_independent() {
+        let a = Metrics::new().unwrap();
+        let b = Metrics::new().unwrap();
+        a.events_read.inc();
+        assert_eq!(sample(&text(&b), "logtally_events_read_total"), Some(0.0));
+    }
+}

@@ -1,0 +1,426 @@
+//! What `/status` shows and what `/readyz` decides: the [`Status`] snapshot (serde
+//! `Serialize`), the [`SharedStatus`] handle the run loop updates, and [`readiness`], a pure
+//! function of a snapshot and `now`.
+//!
+//! Times are milliseconds since the Unix epoch, passed in by the caller: nothing here reads
+//! a clock, so readiness is tested with made-up times.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::{Config, MetricKind, Rule};
+
+/// Everything `/status` reports. The run loop owns the truth and copies it here as it
+/// changes; the admin server only reads.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub version: &'static str,
+    pub node: String,
+    /// When the daemon started (readiness grace period counts from here).
+    pub started_ms: u64,
+    pub flush_interval_seconds: f64,
+    /// Per spool segment, keyed by file name (sorted: names start with the creation time).
+    pub segments: BTreeMap<String, SegmentStatus>,
+    /// Spool bytes not yet committed, all segments.
+    pub lag_bytes: u64,
+    /// Age of the oldest event read but not committed (0 when nothing is pending).
+    pub lag_seconds: f64,
+    /// Aggregate keys in memory, all rules.
+    pub pending_keys: u64,
+    /// Events the nginx module reported dropped (spool drop markers) since start.
+    pub module_dropped_events: u64,
+    /// The most recent flush attempt, whatever its outcome.
+    pub last_flush: Option<FlushStatus>,
+    /// When a flush last committed.
+    pub last_ok_flush_ms: Option<u64>,
+    pub database: DatabaseStatus,
+    pub rules: Vec<RuleStatus>,
+}
+
+/// Read and commit position in one segment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SegmentStatus {
+    /// Bytes decoded so far (aggregated in memory, maybe not committed).
+    pub read_offset: u64,
+    /// Offset stored in the database checkpoint.
+    pub committed_offset: u64,
+    /// File size when last looked at.
+    pub size_bytes: u64,
+    /// The writer sealed it: no more bytes will come.
+    pub sealed: bool,
+    /// `size_bytes − committed_offset`.
+    pub lag_bytes: u64,
+    /// Age of the oldest uncommitted event read from this segment (0 if none).
+    pub lag_seconds: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlushOutcome {
+    Ok,
+    Error,
+}
+
+/// One flush attempt.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlushStatus {
+    /// When it finished.
+    pub at_ms: u64,
+    pub duration_seconds: f64,
+    /// Rows upserted (0 on error: the transaction rolled back).
+    pub rows: u64,
+    pub outcome: FlushOutcome,
+    /// The error, when the outcome is `error`.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DatabaseStatus {
+    /// The last database operation succeeded.
+    pub up: bool,
+    pub last_error: Option<String>,
+    pub last_error_ms: Option<u64>,
+}
+
+/// A rule as configured, for operators reading `/status`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleStatus {
+    pub table: String,
+    pub bucket_seconds: f64,
+    pub group_by: Vec<String>,
+    /// Metric columns in the configured order.
+    pub metrics: Vec<RuleMetricStatus>,
+}
+
+/// One metric column of a rule and its aggregate, e.g. `bytes` = `sum(bytes)`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleMetricStatus {
+    pub column: String,
+    pub aggregate: String,
+}
+
+impl From<&Rule> for RuleStatus {
+    fn from(rule: &Rule) -> Self {
+        let metrics = rule
+            .metrics
+            .iter()
+            .map(|m| {
+                let agg = match &m.kind {
+                    MetricKind::Count => "count".to_string(),
+                    MetricKind::Sum(f) => format!("sum({f})"),
+                    MetricKind::Min(f) => format!("min({f})"),
+                    MetricKind::Max(f) => format!("max({f})"),
+                };
+                RuleMetricStatus {
+                    column: m.column.clone(),
+                    aggregate: agg,
+                }
+            })
+            .collect();
+        RuleStatus {
+            table: rule.table.clone(),
+            bucket_seconds: rule.bucket.as_secs_f64(),
+            group_by: rule.group_by.clone(),
+            metrics,
+        }
+    }
+}
+
+impl Status {
+    /// The state at start: no flush yet, database not yet known to be up.
+    pub fn new(node: &str, flush_interval: Duration, rules: &[Rule], started_ms: u64) -> Self {
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            node: node.to_string(),
+            started_ms,
+            flush_interval_seconds: flush_interval.as_secs_f64(),
+            segments: BTreeMap::new(),
+            lag_bytes: 0,
+            lag_seconds: 0.0,
+            pending_keys: 0,
+            module_dropped_events: 0,
+            last_flush: None,
+            last_ok_flush_ms: None,
+            database: DatabaseStatus::default(),
+            rules: rules.iter().map(RuleStatus::from).collect(),
+        }
+    }
+
+    /// [`Status::new`] from a whole configuration.
+    pub fn from_config(config: &Config, started_ms: u64) -> Self {
+        Status::new(
+            &config.node,
+            config.flush_interval,
+            &config.rules,
+            started_ms,
+        )
+    }
+
+    /// Records a finished flush attempt. A committed flush also proves the database up.
+    pub fn record_flush(&mut self, flush: FlushStatus) {
+        match flush.outcome {
+            FlushOutcome::Ok => {
+                self.last_ok_flush_ms = Some(flush.at_ms);
+                self.database.up = true;
+            }
+            FlushOutcome::Error => {
+                self.database.up = false;
+                self.database.last_error = flush.error.clone();
+                self.database.last_error_ms = Some(flush.at_ms);
+            }
+        }
+        self.last_flush = Some(flush);
+    }
+
+    /// Records the outcome of a database operation other than a flush (connect, ping).
+    pub fn record_database(&mut self, now_ms: u64, result: Result<(), String>) {
+        match result {
+            Ok(()) => self.database.up = true,
+            Err(e) => {
+                self.database.up = false;
+                self.database.last_error = Some(e);
+                self.database.last_error_ms = Some(now_ms);
+            }
+        }
+    }
+
+    /// Recomputes the totals (`lag_bytes`, `lag_seconds`) from the per-segment values.
+    pub fn recompute_lag(&mut self) {
+        self.lag_bytes = self.segments.values().map(|s| s.lag_bytes).sum();
+        self.lag_seconds = self
+            .segments
+            .values()
+            .map(|s| s.lag_seconds)
+            .fold(0.0, f64::max);
+    }
+}
+
+/// Why the sidecar is not ready (the `/readyz` 503 body).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NotReady {
+    #[error("database unreachable: {}", .0.as_deref().unwrap_or("not connected yet"))]
+    DatabaseDown(Option<String>),
+    #[error("no successful flush for {since_seconds:.1}s (limit {limit_seconds:.1}s)")]
+    FlushStale {
+        since_seconds: f64,
+        limit_seconds: f64,
+    },
+}
+
+/// How many flush intervals may pass without a committed flush before the sidecar reports
+/// not ready (also the grace period after start).
+pub const READY_FLUSH_INTERVALS: u32 = 3;
+
+/// Ready iff the database is reachable AND a flush committed within the last
+/// [`READY_FLUSH_INTERVALS`] flush intervals. Right after start, before any flush had the
+/// chance to commit, the same window counts from `started_ms` instead.
+///
+/// The run loop must therefore attempt a flush every interval even when nothing is pending
+/// (an empty flush that only touches the database), or an idle sidecar goes unready.
+pub fn readiness(status: &Status, now_ms: u64) -> Result<(), NotReady> {
+    if !status.database.up {
+        return Err(NotReady::DatabaseDown(status.database.last_error.clone()));
+    }
+    let limit_ms =
+        (status.flush_interval_seconds * 1000.0 * f64::from(READY_FLUSH_INTERVALS)).round() as u64;
+    let since = status.last_ok_flush_ms.unwrap_or(status.started_ms);
+    let age_ms = now_ms.saturating_sub(since);
+    if age_ms > limit_ms {
+        return Err(NotReady::FlushStale {
+            since_seconds: age_ms as f64 / 1000.0,
+            limit_seconds: limit_ms as f64 / 1000.0,
+        });
+    }
+    Ok(())
+}
+
+/// The status shared between the run loop (writer) and the admin server (readers).
+/// A std `RwLock`: every critical section is a short copy, never held across `.await`.
+#[derive(Debug, Clone)]
+pub struct SharedStatus(Arc<RwLock<Status>>);
+
+impl SharedStatus {
+    pub fn new(status: Status) -> Self {
+        SharedStatus(Arc::new(RwLock::new(status)))
+    }
+
+    /// Changes the status in place.
+    pub fn update<R>(&self, f: impl FnOnce(&mut Status) -> R) -> R {
+        // A panic while holding the lock cannot leave a Status half-valid in a way that
+        // matters for reporting, so a poisoned lock is still used.
+        let mut guard = self.0.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard)
+    }
+
+    /// A copy of the current status.
+    pub fn snapshot(&self) -> Status {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// [`readiness`] of the current status.
+    pub fn readiness(&self, now_ms: u64) -> Result<(), NotReady> {
+        readiness(&self.0.read().unwrap_or_else(|e| e.into_inner()), now_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Metric;
+
+    const T0: u64 = 1_764_300_000_000;
+
+    fn status() -> Status {
+        Status::new("edge-1", Duration::from_secs(5), &[], T0)
+    }
+
+    fn ok_flush(at_ms: u64) -> FlushStatus {
+        FlushStatus {
+            at_ms,
+            duration_seconds: 0.01,
+            rows: 3,
+            outcome: FlushOutcome::Ok,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn not_ready_until_the_database_is_up_even_in_grace() {
+        let mut s = status();
+        assert_eq!(readiness(&s, T0 + 1), Err(NotReady::DatabaseDown(None)));
+        s.record_database(T0 + 2, Ok(()));
+        assert_eq!(readiness(&s, T0 + 2), Ok(()));
+    }
+
+    #[test]
+    fn grace_of_three_intervals_after_start() {
+        let mut s = status();
+        s.record_database(T0, Ok(()));
+        assert_eq!(readiness(&s, T0 + 15_000), Ok(()));
+        assert!(matches!(
+            readiness(&s, T0 + 15_001),
+            Err(NotReady::FlushStale { .. })
+        ));
+    }
+
+    #[test]
+    fn a_committed_flush_keeps_ready_for_three_intervals() {
+        let mut s = status();
+        s.record_flush(ok_flush(T0 + 20_000));
+        assert!(s.database.up, "a commit proves the database up");
+        assert_eq!(readiness(&s, T0 + 35_000), Ok(()));
+        let err = readiness(&s, T0 + 36_000).unwrap_err();
+        assert_eq!(
+            err,
+            NotReady::FlushStale {
+                since_seconds: 16.0,
+                limit_seconds: 15.0
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "no successful flush for 16.0s (limit 15.0s)"
+        );
+    }
+
+    #[test]
+    fn failed_flush_marks_the_database_down_with_its_error() {
+        let mut s = status();
+        s.record_flush(ok_flush(T0 + 1_000));
+        s.record_flush(FlushStatus {
+            at_ms: T0 + 6_000,
+            duration_seconds: 0.5,
+            rows: 0,
+            outcome: FlushOutcome::Error,
+            error: Some("connection refused".into()),
+        });
+        let err = readiness(&s, T0 + 6_001).unwrap_err();
+        assert_eq!(err.to_string(), "database unreachable: connection refused");
+        assert_eq!(s.last_ok_flush_ms, Some(T0 + 1_000));
+        // Back up: ready again at once, because the last commit is still recent.
+        s.record_database(T0 + 7_000, Ok(()));
+        assert_eq!(readiness(&s, T0 + 7_000), Ok(()));
+        assert_eq!(s.database.last_error.as_deref(), Some("connection refused"));
+    }
+
+    #[test]
+    fn clock_going_backwards_is_not_staleness() {
+        let mut s = status();
+        s.record_flush(ok_flush(T0 + 10_000));
+        assert_eq!(readiness(&s, T0), Ok(()));
+    }
+
+    #[test]
+    fn lag_totals_and_json_shape() {
+        let rule = Rule {
+            table: "ad_events_1m".into(),
+            bucket: Duration::from_secs(60),
+            group_by: vec!["ad".into(), "ev".into()],
+            metrics: vec![
+                Metric {
+                    column: "events".into(),
+                    kind: MetricKind::Count,
+                },
+                Metric {
+                    column: "bytes".into(),
+                    kind: MetricKind::Sum("bytes".into()),
+                },
+            ],
+        };
+        let mut s = Status::new("edge-1", Duration::from_millis(500), &[rule], T0);
+        s.segments.insert(
+            "a.seg".into(),
+            SegmentStatus {
+                read_offset: 90,
+                committed_offset: 50,
+                size_bytes: 100,
+                lag_bytes: 50,
+                lag_seconds: 2.0,
+                ..Default::default()
+            },
+        );
+        s.segments.insert(
+            "b.seg".into(),
+            SegmentStatus {
+                size_bytes: 30,
+                lag_bytes: 30,
+                lag_seconds: 0.5,
+                ..Default::default()
+            },
+        );
+        s.recompute_lag();
+        assert_eq!((s.lag_bytes, s.lag_seconds), (80, 2.0));
+        s.record_flush(ok_flush(T0 + 1));
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(v["node"], "edge-1");
+        assert_eq!(v["flush_interval_seconds"], 0.5);
+        assert_eq!(v["segments"]["a.seg"]["committed_offset"], 50);
+        assert_eq!(v["segments"]["a.seg"]["read_offset"], 90);
+        assert_eq!(v["last_flush"]["outcome"], "ok");
+        assert_eq!(v["last_flush"]["rows"], 3);
+        assert_eq!(v["database"]["up"], true);
+        assert_eq!(v["rules"][0]["table"], "ad_events_1m");
+        assert_eq!(v["rules"][0]["bucket_seconds"], 60.0);
+        assert_eq!(v["rules"][0]["group_by"], serde_json::json!(["ad", "ev"]));
+        assert_eq!(
+            v["rules"][0]["metrics"],
+            serde_json::json!([
+                {"column": "events", "aggregate": "count"},
+                {"column": "bytes", "aggregate": "sum(bytes)"}
+            ])
+        );
+    }
+
+    #[test]
+    fn shared_status_updates_are_visible_to_readers() {
+        let shared = SharedStatus::new(status());
+        let reader = shared.clone();
+        shared.update(|s| s.record_database(T0, Ok(())));
+        assert!(reader.snapshot().database.up);
+        assert_eq!(reader.readiness(T0 + 1), Ok(()));
+    }
+}
