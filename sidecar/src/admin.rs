@@ -112,6 +112,8 @@ fn handle(state: &AdminState, method: &Method, path: &str, now_ms: u64) -> Respo
     }
     match path {
         "/metrics" => {
+            let ready = state.status.readiness(now_ms).is_ok();
+            state.metrics.ready.set(i64::from(ready));
             let (content_type, body) = state.metrics.encode();
             let mut resp = Response::new(Full::new(Bytes::from(body)));
             if let Ok(v) = HeaderValue::from_str(&content_type) {
@@ -273,6 +275,12 @@ mod tests {
             "{}",
             r.body
         );
+        assert!(r.body.contains("\nlogtally_ready 0\n"), "{}", r.body);
+        srv.state
+            .status
+            .update(|s| s.record_database(now_ms(), Ok(())));
+        let r = request(srv.addr, "GET", "/metrics").await;
+        assert!(r.body.contains("\nlogtally_ready 1\n"), "{}", r.body);
     }
 
     #[tokio::test]

@@ -61,6 +61,9 @@ pub struct Metrics {
     pub binlog_writes: IntCounter,
     /// 1 while the database is reachable (last operation succeeded), else 0.
     pub database_up: IntGauge,
+    /// 1 if `/readyz` would answer 200, else 0. Set by the admin server at each scrape
+    /// (readiness depends on the time of asking), so alerts can use it.
+    pub ready: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -173,6 +176,10 @@ impl Metrics {
             "logtally_database_up",
             "1 if the last database operation succeeded, else 0.",
         )?;
+        let ready = int_gauge(
+            "logtally_ready",
+            "1 if the sidecar is ready (database up, flushes committing), else 0.",
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "logtally_build_info",
@@ -210,6 +217,7 @@ impl Metrics {
             segments_deleted,
             binlog_writes,
             database_up,
+            ready,
         })
     }
 
@@ -301,6 +309,7 @@ mod tests {
             ("logtally_segments_deleted_total", "counter"),
             ("logtally_binlog_writes_total", "counter"),
             ("logtally_database_up", "gauge"),
+            ("logtally_ready", "gauge"),
             ("logtally_build_info", "gauge"),
         ] {
             assert!(
