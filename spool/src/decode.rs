@@ -28,7 +28,10 @@ impl<'a> Record<'a> {
 
     /// The values: `None` absent, `Some(bytes)` present (possibly empty).
     pub fn values(&self) -> Values<'a> {
-        Values { rest: self.values, left: self.count }
+        Values {
+            rest: self.values,
+            left: self.count,
+        }
     }
 }
 
@@ -79,7 +82,11 @@ pub enum Frame<'a> {
     /// The writer dropped `count` events since its previous marker.
     Dropped { time_ms: u64, count: u64 },
     /// The segment ends here.
-    Seal { time_ms: u64, events: u64, dropped: u64 },
+    Seal {
+        time_ms: u64,
+        events: u64,
+        dropped: u64,
+    },
 }
 
 /// The outcome of decoding at one position.
@@ -100,7 +107,7 @@ fn checked_len(buf: &[u8]) -> Option<usize> {
     let len_bytes: [u8; 4] = buf[0..4].try_into().expect("4 bytes");
     let check = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
     let len = u32::from_le_bytes(len_bytes) as usize;
-    (len >= 1 && len <= MAX_PAYLOAD_LEN && crc32c::crc32c(&len_bytes) == check).then_some(len)
+    (len >= 1 && len <= MAX_PAYLOAD_LEN && crate::length_check(len as u32) == check).then_some(len)
 }
 
 /// Whether a frame may start at `buf[0]`, as far as the bytes present can tell.
@@ -117,7 +124,9 @@ fn may_start_frame(buf: &[u8]) -> bool {
 
 /// After corruption at `buf[0]`: the distance to the next position where a frame may start.
 fn resync(buf: &[u8]) -> usize {
-    (1..buf.len()).find(|&at| may_start_frame(&buf[at..])).unwrap_or(buf.len().max(1))
+    (1..buf.len())
+        .find(|&at| may_start_frame(&buf[at..]))
+        .unwrap_or(buf.len().max(1))
 }
 
 fn u64_at(p: &[u8], at: usize) -> u64 {
@@ -137,7 +146,10 @@ fn parse_event(p: &[u8]) -> Option<Record<'_>> {
     let values = &p[9..];
     let mut at = 0;
     for _ in 0..count {
-        let (tag, used) = varint::get(&values[at..])?;
+        let (tag, used) = match values.get(at) {
+            Some(&b) if b < 0x80 => (u32::from(b), 1),
+            _ => varint::get(&values[at..])?,
+        };
         at += used;
         if tag > 0 {
             let len = tag as usize - 1;
@@ -147,16 +159,21 @@ fn parse_event(p: &[u8]) -> Option<Record<'_>> {
             at += len;
         }
     }
-    (at == values.len()).then_some(Record { time_ms, count, values })
+    (at == values.len()).then_some(Record {
+        time_ms,
+        count,
+        values,
+    })
 }
 
 fn parse_payload(p: &[u8]) -> Option<Frame<'_>> {
     let (&kind, body) = p.split_first()?;
     match kind {
         KIND_EVENT => parse_event(body).map(Frame::Event),
-        KIND_DROPPED if body.len() == 16 => {
-            Some(Frame::Dropped { time_ms: u64_at(body, 0), count: u64_at(body, 8) })
-        }
+        KIND_DROPPED if body.len() == 16 => Some(Frame::Dropped {
+            time_ms: u64_at(body, 0),
+            count: u64_at(body, 8),
+        }),
         KIND_SEAL if body.len() == 24 => Some(Frame::Seal {
             time_ms: u64_at(body, 0),
             events: u64_at(body, 8),
@@ -170,7 +187,11 @@ fn parse_payload(p: &[u8]) -> Option<Frame<'_>> {
 #[inline]
 pub fn decode_frame(buf: &[u8]) -> Decoded<'_> {
     if buf.len() < FRAME_HEADER_LEN {
-        return if may_start_frame(buf) { Decoded::Incomplete } else { Decoded::Corrupt { skip: resync(buf) } };
+        return if may_start_frame(buf) {
+            Decoded::Incomplete
+        } else {
+            Decoded::Corrupt { skip: resync(buf) }
+        };
     }
     let Some(len) = checked_len(buf) else {
         return Decoded::Corrupt { skip: resync(buf) };
@@ -194,7 +215,11 @@ pub fn decode_frame(buf: &[u8]) -> Decoded<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanItem<'a> {
     /// A complete frame at `offset`, `len` bytes long.
-    Frame { offset: usize, len: usize, frame: Frame<'a> },
+    Frame {
+        offset: usize,
+        len: usize,
+        frame: Frame<'a>,
+    },
     /// `len` bytes at `offset` that are not frames were skipped.
     Corrupt { offset: usize, len: usize },
 }

@@ -1,7 +1,9 @@
 //! Appending frames to a caller's buffer. Nothing here allocates beyond the caller's
 //! `Vec` growing, so the nginx module can call it on the request path.
 
-use crate::{varint, FRAME_HEADER_LEN, KIND_DROPPED, KIND_EVENT, KIND_SEAL, MAX_FIELDS, MAX_VALUE_LEN};
+use crate::{
+    varint, FRAME_HEADER_LEN, KIND_DROPPED, KIND_EVENT, KIND_SEAL, MAX_FIELDS, MAX_VALUE_LEN,
+};
 
 /// What [`encode_event`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +29,7 @@ fn finish(out: &mut [u8], start: usize) -> usize {
     let payload_start = start + FRAME_HEADER_LEN;
     let len = (out.len() - payload_start) as u32;
     let len_bytes = len.to_le_bytes();
-    let len_check = crc32c::crc32c(&len_bytes);
+    let len_check = crate::length_check(len);
     let crc = crc32c::crc32c(&out[payload_start..]);
     out[start..start + 4].copy_from_slice(&len_bytes);
     out[start + 4..start + 8].copy_from_slice(&len_check.to_le_bytes());
@@ -68,7 +70,10 @@ where
     }
     out[count_at] = count;
     let frame_len = finish(out, start);
-    EncodedEvent { frame_len, truncated }
+    EncodedEvent {
+        frame_len,
+        truncated,
+    }
 }
 
 /// Appends a marker saying the writer dropped `count` events since its previous marker.

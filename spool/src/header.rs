@@ -118,7 +118,11 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<(SegmentHeader, usize)>, Heade
     let mut fields = Vec::with_capacity(count);
     let mut at = FIXED_LEN;
     for _ in 0..count {
-        let n = usize::from(*body.get(at).ok_or(HeaderError::Malformed("field list truncated"))?);
+        let n = usize::from(
+            *body
+                .get(at)
+                .ok_or(HeaderError::Malformed("field list truncated"))?,
+        );
         let name = body
             .get(at + 1..at + 1 + n)
             .ok_or(HeaderError::Malformed("field list truncated"))?;
@@ -130,9 +134,18 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<(SegmentHeader, usize)>, Heade
         at += 1 + n;
     }
     if at != body.len() {
-        return Err(HeaderError::Malformed("header length does not match its field list"));
+        return Err(HeaderError::Malformed(
+            "header length does not match its field list",
+        ));
     }
-    Ok(Some((SegmentHeader { writer_pid, created_ms, fields }, len)))
+    Ok(Some((
+        SegmentHeader {
+            writer_pid,
+            created_ms,
+            fields,
+        },
+        len,
+    )))
 }
 
 #[cfg(test)]
@@ -186,8 +199,14 @@ mod tests {
     #[test]
     fn rejects_bad_names() {
         for bad in ["", "1ad", "a-b", "a b", &"x".repeat(64)] {
-            let h = SegmentHeader { fields: vec![bad.to_string()], ..sample() };
-            assert!(matches!(encode_header(&h, &mut Vec::new()), Err(HeaderError::FieldName(_))));
+            let h = SegmentHeader {
+                fields: vec![bad.to_string()],
+                ..sample()
+            };
+            assert!(matches!(
+                encode_header(&h, &mut Vec::new()),
+                Err(HeaderError::FieldName(_))
+            ));
         }
     }
 }

@@ -15,10 +15,12 @@ mod header;
 mod varint;
 mod writer;
 
-pub use decode::{decode_frame, Decoded, Frame, Record, SegmentScan, ScanItem, Values};
+pub use decode::{decode_frame, Decoded, Frame, Record, ScanItem, SegmentScan, Values};
 pub use encode::{encode_drop_marker, encode_event, encode_seal, EncodedEvent};
 pub use header::{decode_header, encode_header, HeaderError, SegmentHeader};
-pub use writer::{segment_file_name, is_segment_file_name, SegmentWriter, SegmentWriterConfig, WrittenSegment};
+pub use writer::{
+    is_segment_file_name, segment_file_name, SegmentWriter, SegmentWriterConfig, WrittenSegment,
+};
 
 /// First bytes of every segment file.
 pub const MAGIC: [u8; 8] = *b"LTSPOOL\0";
@@ -37,6 +39,13 @@ pub const FRAME_HEADER_LEN: usize = 12;
 /// Largest payload a valid frame may declare. An event with every field at the maximum
 /// length fits: 1 + 8 + 1 + MAX_FIELDS * (2 + MAX_VALUE_LEN) = 262,282 bytes.
 pub const MAX_PAYLOAD_LEN: usize = 320 * 1024;
+
+/// The length check stored after a frame's length: a bijection of the length (so any change
+/// to the length alone, or to the check alone, is caught) that costs one multiply.
+#[inline]
+pub(crate) fn length_check(len: u32) -> u32 {
+    len.wrapping_mul(0x9E37_79B1) ^ 0x5350_4F4C
+}
 
 /// Payload kind byte: one request's event.
 pub const KIND_EVENT: u8 = 1;

@@ -22,6 +22,10 @@ pub(crate) fn get(buf: &[u8]) -> Option<(u32, usize)> {
         }
         v |= part << (7 * i);
         if b & 0x80 == 0 {
+            // Only the shortest encoding is valid, so every value has exactly one.
+            if i > 0 && b == 0 {
+                return None;
+            }
             return Some((v, i + 1));
         }
     }
@@ -46,5 +50,6 @@ mod tests {
     fn rejects_overlong() {
         assert_eq!(get(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x01]), None);
         assert_eq!(get(&[0xff, 0xff, 0xff, 0xff, 0x1f]), None);
+        assert_eq!(get(&[0x81, 0x00]), None);
     }
 }

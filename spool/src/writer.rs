@@ -40,11 +40,17 @@ pub fn segment_file_name(created_ms: u64, pid: u32, seq: u64) -> String {
 
 /// Whether a file name is a segment's (as [`segment_file_name`] makes them).
 pub fn is_segment_file_name(name: &str) -> bool {
-    let Some(stem) = name.strip_suffix(SEGMENT_EXTENSION).and_then(|s| s.strip_suffix('.')) else {
+    let Some(stem) = name
+        .strip_suffix(SEGMENT_EXTENSION)
+        .and_then(|s| s.strip_suffix('.'))
+    else {
         return false;
     };
     let parts: Vec<&str> = stem.split('-').collect();
-    parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[derive(Debug)]
@@ -73,9 +79,18 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl SegmentWriter {
     /// Checks the field list; creates no file until the first batch.
     pub fn new(config: SegmentWriterConfig) -> Result<Self, HeaderError> {
-        SegmentHeader { writer_pid: config.pid, created_ms: 0, fields: config.fields.clone() }
-            .validate()?;
-        Ok(SegmentWriter { config, current: None, seq: 0, scratch: Vec::with_capacity(256) })
+        SegmentHeader {
+            writer_pid: config.pid,
+            created_ms: 0,
+            fields: config.fields.clone(),
+        }
+        .validate()?;
+        Ok(SegmentWriter {
+            config,
+            current: None,
+            seq: 0,
+            scratch: Vec::with_capacity(256),
+        })
     }
 
     /// The segment being written, if one is open.
@@ -93,16 +108,24 @@ impl SegmentWriter {
         encode_header(&header, &mut self.scratch).map_err(io::Error::other)?;
         let (file, path) = loop {
             self.seq += 1;
-            let path =
-                self.config.dir.join(segment_file_name(now_ms, self.config.pid, self.seq));
+            let path = self
+                .config
+                .dir
+                .join(segment_file_name(now_ms, self.config.pid, self.seq));
             match OpenOptions::new().append(true).create_new(true).open(&path) {
                 Ok(file) => break (file, path),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
             }
         };
-        let mut seg =
-            OpenSegment { file, path, len: 0, events: 0, dropped: 0, unsynced: true };
+        let mut seg = OpenSegment {
+            file,
+            path,
+            len: 0,
+            events: 0,
+            dropped: 0,
+            unsynced: true,
+        };
         if let Err(e) = seg.file.write_all(&self.scratch) {
             // A segment without a whole header is useless to readers: remove it.
             let _ = std::fs::remove_file(&seg.path);
@@ -175,7 +198,10 @@ impl SegmentWriter {
         if self.config.fsync {
             seg.file.sync_data()?;
         }
-        Ok(Some(WrittenSegment { path: seg.path, bytes: seg.len }))
+        Ok(Some(WrittenSegment {
+            path: seg.path,
+            bytes: seg.len,
+        }))
     }
 }
 
@@ -188,7 +214,14 @@ mod tests {
         let n = segment_file_name(1_764_300_000_123, 77, 3);
         assert_eq!(n, "1764300000123-77-000003.seg");
         assert!(is_segment_file_name(&n));
-        for bad in ["x.seg", "1-2.seg", "1-2-3.tmp", "1-2-3-4.seg", "a-2-3.seg", "--.seg"] {
+        for bad in [
+            "x.seg",
+            "1-2.seg",
+            "1-2-3.tmp",
+            "1-2-3-4.seg",
+            "a-2-3.seg",
+            "--.seg",
+        ] {
             assert!(!is_segment_file_name(bad), "{bad}");
         }
     }
