@@ -6,6 +6,8 @@
 
 pub mod admin;
 pub mod aggregate;
+pub mod binlog;
 pub mod config;
 pub mod metrics;
 pub mod status;
+pub mod store;

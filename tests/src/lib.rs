@@ -1,1 +1,2 @@
 //! End-to-end test harness (to come).
+pub mod postgres;
