@@ -1,2 +1,3 @@
 //! End-to-end test harness (to come).
 pub mod postgres;
+pub mod prometheus;
