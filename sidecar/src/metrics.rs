@@ -11,7 +11,10 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+use std::sync::Mutex;
+
 use crate::config::Rule;
+use crate::tail::TailStats;
 
 /// Flush duration buckets (seconds): a healthy flush is milliseconds, a struggling database
 /// pushes it to seconds, and the retry backoff caps what one attempt can take.
@@ -21,7 +24,6 @@ const FLUSH_DURATION_BUCKETS: &[f64] = &[
 
 /// Every metric the sidecar exports. Fields are the handles to update; the registry is
 /// private so nothing registers behind this struct's back.
-#[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
     /// Event records decoded from the spool.
@@ -64,6 +66,8 @@ pub struct Metrics {
     /// 1 if `/readyz` would answer 200, else 0. Set by the admin server at each scrape
     /// (readiness depends on the time of asking), so alerts can use it.
     pub ready: IntGauge,
+    /// The tailer totals last folded into the counters (see [`Metrics::sync_tail`]).
+    tail_seen: Mutex<TailStats>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -218,6 +222,7 @@ impl Metrics {
             binlog_writes,
             database_up,
             ready,
+            tail_seen: Mutex::new(TailStats::default()),
         })
     }
 
@@ -234,6 +239,26 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// Brings the spool-reading counters up to a tailer's cumulative totals
+    /// ([`crate::tail::Tailer::stats`]): call it after each poll. Counters move by the
+    /// difference since the previous call; totals that went down (a new tailer) count from 0.
+    pub fn sync_tail(&self, now: &TailStats) {
+        let mut seen = self.tail_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let delta = |new: u64, old: u64| if new >= old { new - old } else { new };
+        self.events_read.inc_by(delta(now.events, seen.events));
+        self.decode_errors
+            .inc_by(delta(now.corrupt_occurrences, seen.corrupt_occurrences));
+        self.corrupt_bytes
+            .inc_by(delta(now.corrupt_bytes, seen.corrupt_bytes));
+        self.torn_tail_waits
+            .inc_by(delta(now.torn_tail_waits, seen.torn_tail_waits));
+        self.module_dropped_events
+            .inc_by(delta(now.dropped_events, seen.dropped_events));
+        self.segments_deleted
+            .inc_by(delta(now.deleted_segments, seen.deleted_segments));
+        *seen = *now;
     }
 
     /// Counts rows upserted for one rule (by its table name).
@@ -413,6 +438,40 @@ mod tests {
             Some(0.0)
         );
         assert!(!t.contains("metric=\"events\""), "{t}");
+    }
+
+    #[test]
+    fn sync_tail_adds_differences_once() {
+        let m = Metrics::new().unwrap();
+        let mut st = TailStats {
+            events: 10,
+            dropped_events: 4,
+            corrupt_occurrences: 1,
+            corrupt_bytes: 33,
+            ..Default::default()
+        };
+        m.sync_tail(&st);
+        m.sync_tail(&st);
+        st.events = 25;
+        st.torn_tail_waits = 2;
+        st.deleted_segments = 1;
+        m.sync_tail(&st);
+        let t = text(&m);
+        assert_eq!(sample(&t, "logtally_events_read_total"), Some(25.0));
+        assert_eq!(
+            sample(&t, "logtally_module_dropped_events_total"),
+            Some(4.0)
+        );
+        assert_eq!(sample(&t, "logtally_decode_errors_total"), Some(1.0));
+        assert_eq!(sample(&t, "logtally_corrupt_bytes_total"), Some(33.0));
+        assert_eq!(sample(&t, "logtally_torn_tail_waits_total"), Some(2.0));
+        assert_eq!(sample(&t, "logtally_segments_deleted_total"), Some(1.0));
+        // A fresh tailer starts its totals at 0 again: its counts add on top.
+        m.sync_tail(&TailStats {
+            events: 5,
+            ..Default::default()
+        });
+        assert_eq!(sample(&text(&m), "logtally_events_read_total"), Some(30.0));
     }
 
     #[test]

@@ -5,13 +5,14 @@
 //! Times are milliseconds since the Unix epoch, passed in by the caller: nothing here reads
 //! a clock, so readiness is tested with made-up times.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::config::{Config, MetricKind, Rule};
+use crate::tail::{self, Position};
 
 /// Everything `/status` reports. The run loop owns the truth and copies it here as it
 /// changes; the admin server only reads.
@@ -55,6 +56,8 @@ pub struct SegmentStatus {
     pub lag_bytes: u64,
     /// Age of the oldest uncommitted event read from this segment (0 if none).
     pub lag_seconds: f64,
+    /// The header is unreadable: the segment is left alone for an operator.
+    pub bad_header: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -185,6 +188,38 @@ impl Status {
                 self.database.last_error_ms = Some(now_ms);
             }
         }
+    }
+
+    /// Replaces the per-segment view and the lag totals from the tailer's segments
+    /// ([`crate::tail::Tailer::segments`]), the committed checkpoint (segment → position) and,
+    /// per segment, the time of the oldest event read but not yet committed.
+    pub fn sync_segments(
+        &mut self,
+        read: &[tail::SegmentStatus],
+        committed: &HashMap<String, Position>,
+        oldest_pending_ms: &HashMap<String, u64>,
+        now_ms: u64,
+    ) {
+        self.segments = read
+            .iter()
+            .map(|seg| {
+                let committed_offset = committed.get(&seg.name).map_or(0, |p| p.offset);
+                let lag_seconds = oldest_pending_ms
+                    .get(&seg.name)
+                    .map_or(0.0, |t| now_ms.saturating_sub(*t) as f64 / 1000.0);
+                let status = SegmentStatus {
+                    read_offset: seg.position.offset,
+                    committed_offset,
+                    size_bytes: seg.size,
+                    sealed: seg.position.finished,
+                    lag_bytes: seg.size.saturating_sub(committed_offset),
+                    lag_seconds,
+                    bad_header: seg.bad_header,
+                };
+                (seg.name.clone(), status)
+            })
+            .collect();
+        self.recompute_lag();
     }
 
     /// Recomputes the totals (`lag_bytes`, `lag_seconds`) from the per-segment values.
@@ -413,6 +448,47 @@ mod tests {
                 {"column": "bytes", "aggregate": "sum(bytes)"}
             ])
         );
+    }
+
+    #[test]
+    fn sync_segments_joins_read_and_committed_positions() {
+        let mut s = status();
+        let seg = |name: &str, offset, finished, size| tail::SegmentStatus {
+            name: name.into(),
+            position: Position { offset, finished },
+            size,
+            bad_header: false,
+        };
+        let read = [
+            seg("1-1-000001.seg", 500, true, 500),
+            seg("1-1-000002.seg", 300, false, 320),
+        ];
+        let committed: HashMap<String, Position> = [(
+            "1-1-000001.seg".to_string(),
+            Position {
+                offset: 500,
+                finished: true,
+            },
+        )]
+        .into();
+        let oldest: HashMap<String, u64> = [("1-1-000002.seg".to_string(), T0 - 2_500)].into();
+        s.sync_segments(&read, &committed, &oldest, T0);
+        let a = &s.segments["1-1-000001.seg"];
+        assert_eq!(
+            (a.read_offset, a.committed_offset, a.lag_bytes, a.sealed),
+            (500, 500, 0, true)
+        );
+        let b = &s.segments["1-1-000002.seg"];
+        assert_eq!(
+            (b.read_offset, b.committed_offset, b.lag_bytes),
+            (300, 0, 320)
+        );
+        assert_eq!(b.lag_seconds, 2.5);
+        assert_eq!((s.lag_bytes, s.lag_seconds), (320, 2.5));
+        // A deleted segment disappears from the view.
+        s.sync_segments(&read[1..], &committed, &HashMap::new(), T0);
+        assert_eq!(s.segments.len(), 1);
+        assert_eq!(s.lag_seconds, 0.0);
     }
 
     #[test]
