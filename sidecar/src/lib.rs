@@ -11,3 +11,4 @@ pub mod config;
 pub mod metrics;
 pub mod status;
 pub mod store;
+pub mod tail;
