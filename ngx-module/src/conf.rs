@@ -6,7 +6,7 @@
 use std::ffi::{c_char, c_void};
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::ptr;
 
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
@@ -136,6 +136,7 @@ pub enum ConfError {
 
 /// The `file:line` nginx is reading.
 ///
+///
 /// # Safety
 /// `cf` must be nginx's live configuration context.
 unsafe fn position(cf: *mut ngx_conf_t) -> String {
@@ -155,6 +156,7 @@ unsafe fn position(cf: *mut ngx_conf_t) -> String {
 /// Logs a directive's error the nginx way (at emerg, naming the directive, file and line)
 /// and returns `NGX_CONF_ERROR`.
 ///
+///
 /// # Safety
 /// `cf` and `cmd` must be the arguments nginx passed to the directive handler.
 unsafe fn conf_error(
@@ -170,6 +172,7 @@ unsafe fn conf_error(
 
 /// The directive's arguments, the directive name first.
 ///
+///
 /// # Safety
 /// `cf` must be the context nginx passed to a directive handler.
 unsafe fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
@@ -177,44 +180,10 @@ unsafe fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
     unsafe { (*(*cf).args).as_slice::<ngx_str_t>() }
 }
 
-/// Checks, without side effects, that the spool folder exists or can be created, and that
-/// it can be written. The master creates it (via `ngx_add_path`) and hands it to the worker
-/// user, as nginx does with its temp folders.
-fn check_spool_dir(dir: &Path) -> Result<(), String> {
-    fn writable(p: &Path) -> Result<(), String> {
-        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-        // SAFETY: c is a valid NUL-terminated path; access() only reads it.
-        if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
-            Ok(())
-        } else {
-            Err(format!(
-                "\"{}\" is not writable: {}",
-                p.display(),
-                std::io::Error::last_os_error()
-            ))
-        }
-    }
-    match std::fs::metadata(dir) {
-        Ok(m) if m.is_dir() => writable(dir),
-        Ok(_) => Err("exists and is not a folder".into()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let parent = dir.parent().ok_or("has no parent folder")?;
-            match std::fs::metadata(parent) {
-                Ok(m) if m.is_dir() => {
-                    writable(parent).map_err(|e| format!("cannot be created: {e}"))
-                }
-                Ok(_) => Err(format!(
-                    "cannot be created: \"{}\" is not a folder",
-                    parent.display()
-                )),
-                Err(e) => Err(format!("cannot be created: \"{}\": {e}", parent.display())),
-            }
-        }
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 /// `logtally_spool <dir> [segment_size=] [flush=] [queue=] [fsync=];`
+///
+/// # Safety
+/// Only nginx calls this, as a directive handler, with its live configuration context.
 pub unsafe extern "C" fn cmd_spool(
     cf: *mut ngx_conf_t,
     cmd: *mut ngx_command_t,
@@ -244,7 +213,7 @@ unsafe fn spool(cf: *mut ngx_conf_t, main: &mut MainConf) -> Result<(), ConfErro
         return Err(ConfError::NoMemory);
     }
     let dir = PathBuf::from(std::ffi::OsStr::from_bytes(name.as_bytes()));
-    check_spool_dir(&dir).map_err(|reason| ConfError::SpoolDir {
+    crate::spool_dir::check(&dir).map_err(|reason| ConfError::SpoolDir {
         path: dir.display().to_string(),
         reason,
     })?;
@@ -274,6 +243,9 @@ unsafe fn spool(cf: *mut ngx_conf_t, main: &mut MainConf) -> Result<(), ConfErro
 }
 
 /// `logtally_field <name> <value>;`
+///
+/// # Safety
+/// Only nginx calls this, as a directive handler, with its live configuration context.
 pub unsafe extern "C" fn cmd_field(
     cf: *mut ngx_conf_t,
     cmd: *mut ngx_command_t,
@@ -364,6 +336,9 @@ unsafe fn field(cf: *mut ngx_conf_t, loc: &mut LocConf) -> Result<(), ConfError>
 }
 
 /// `logtally_status;`
+///
+/// # Safety
+/// Only nginx calls this, as a directive handler, with its live configuration context.
 pub unsafe extern "C" fn cmd_status(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
@@ -384,6 +359,9 @@ pub unsafe extern "C" fn cmd_status(
 
 /// Runs after `ngx_conf_set_flag_slot` stored `logtally on|off`: remembers where logging
 /// was first switched on, for the "needs logtally_spool" check.
+///
+/// # Safety
+/// Only nginx calls this, as a directive handler, with its live configuration context.
 pub unsafe extern "C" fn flag_post(
     cf: *mut ngx_conf_t,
     _post: *mut c_void,
@@ -404,6 +382,7 @@ pub unsafe extern "C" fn flag_post(
 
 /// Whether nginx knows a variable by now (all modules, `set`, `map`, regex captures have
 /// declared theirs when postconfiguration runs).
+///
 ///
 /// # Safety
 /// `cmcf` must be the core main conf during postconfiguration (variables_keys still alive).
@@ -454,6 +433,7 @@ impl fmt::Display for CheckError {
 /// The checks that need the whole configuration: `logtally on` without `logtally_spool`,
 /// and variables nobody declares (nginx's own message would not name our directive).
 ///
+///
 /// # Safety
 /// Must run in postconfiguration with nginx's configuration context.
 pub unsafe fn check(cf: *mut ngx_conf_t, main: &MainConf) -> Result<(), CheckError> {
@@ -474,44 +454,4 @@ pub unsafe fn check(cf: *mut ngx_conf_t, main: &MainConf) -> Result<(), CheckErr
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spool_dir_checks() {
-        let tmp = tempfile::tempdir().unwrap();
-        assert_eq!(check_spool_dir(tmp.path()), Ok(()));
-        assert_eq!(check_spool_dir(&tmp.path().join("new")), Ok(()));
-        let file = tmp.path().join("file");
-        std::fs::write(&file, b"x").unwrap();
-        assert!(check_spool_dir(&file).unwrap_err().contains("not a folder"));
-        assert!(check_spool_dir(&file.join("sub"))
-            .unwrap_err()
-            .contains("not a folder"));
-        assert!(check_spool_dir(&tmp.path().join("a/b")).is_err());
-    }
-
-    #[test]
-    fn merge_lets_a_child_switch_off() {
-        let parent = LocConf {
-            enable: 1,
-            fields: Some(vec![]),
-        };
-        let mut child = LocConf {
-            enable: 0,
-            ..Default::default()
-        };
-        child.merge(&parent).unwrap();
-        assert_eq!(child.enable, 0);
-        assert!(child.fields.is_some(), "fields inherited");
-        let mut unset = LocConf::default();
-        unset.merge(&parent).unwrap();
-        assert_eq!(unset.enable, 1);
-        let mut top = LocConf::default();
-        top.merge(&LocConf::default()).unwrap();
-        assert_eq!(top.enable, 0);
-    }
 }

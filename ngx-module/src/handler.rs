@@ -18,6 +18,7 @@ use crate::{worker, Module};
 /// Reads one field's value. `None` is "absent": the variable was not found, or evaluation
 /// failed.
 ///
+///
 /// # Safety
 /// `r` must be a live request; the returned bytes live in its pool.
 unsafe fn value<'r>(r: *mut ngx_http_request_t, field: &Field) -> Option<&'r [u8]> {
@@ -42,6 +43,7 @@ unsafe fn value<'r>(r: *mut ngx_http_request_t, field: &Field) -> Option<&'r [u8
     }
 }
 
+///
 /// # Safety
 /// `data` must point at `len` readable bytes (or be anything when `len` is 0).
 unsafe fn bytes<'a>(data: *const u8, len: usize) -> &'a [u8] {
@@ -54,6 +56,9 @@ unsafe fn bytes<'a>(data: *const u8, len: usize) -> &'a [u8] {
 }
 
 /// Log phase: one record per request where `logtally` is on.
+///
+/// # Safety
+/// Only nginx calls this, with a live request.
 pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls log handlers with a live main request.
     let req = unsafe { &*r };
@@ -82,6 +87,9 @@ pub unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
 }
 
 /// `logtally_status`: the counters of all workers, in Prometheus text format.
+///
+/// # Safety
+/// Only nginx calls this, with a live request.
 pub unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls content handlers with a live request; everything below follows
     // the standard content-handler sequence (discard body, headers, one last buffer).

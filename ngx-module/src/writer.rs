@@ -306,6 +306,14 @@ mod tests {
             buf.clear();
             logtally_spool::encode_event(&mut buf, 1, [Some(i.to_string().as_bytes())]);
             tx.send(buf.clone()).unwrap();
+            if i == 249 {
+                // Let the first half go out as its own batch (> 4 KiB: the segment rolls).
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while counters.snapshot().events < 250 {
+                    assert!(Instant::now() < deadline, "writer never wrote");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
         }
         drops.fetch_add(3, Ordering::Relaxed);
         drop(tx);
