@@ -8,6 +8,7 @@ pub mod admin;
 pub mod aggregate;
 pub mod binlog;
 pub mod config;
+pub mod daemon;
 pub mod metrics;
 pub mod status;
 pub mod store;

@@ -182,6 +182,8 @@ pub enum StoreError {
         expected: Option<(u64, bool)>,
         found: Option<(u64, bool)>,
     },
+    #[error("flush did not finish within {}s", .0.as_secs())]
+    Timeout(Duration),
     #[error("{context}: {source}")]
     Db {
         context: &'static str,
@@ -200,7 +202,9 @@ impl StoreError {
     /// shape or a checkpoint conflict never heals by itself.
     pub fn is_transient(&self) -> bool {
         let source = match self {
-            StoreError::Connect { .. } | StoreError::ConnectTimeout { .. } => return true,
+            StoreError::Connect { .. }
+            | StoreError::ConnectTimeout { .. }
+            | StoreError::Timeout(_) => return true,
             StoreError::BadUrl { .. }
             | StoreError::Shape(_)
             | StoreError::CheckpointConflict { .. } => return false,
@@ -767,6 +771,15 @@ impl Store {
     /// Whether the connection is gone (reconnect before the next flush).
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// A round trip, proving the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(StoreError::db("ping"))?;
+        Ok(())
     }
 
     /// This node's checkpoint: the truth about what has been counted.
