@@ -9,6 +9,7 @@ pub mod aggregate;
 pub mod binlog;
 pub mod config;
 pub mod daemon;
+pub mod dump;
 pub mod metrics;
 pub mod status;
 pub mod store;

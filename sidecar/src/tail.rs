@@ -68,6 +68,9 @@ pub struct TailerOptions {
     /// How long an unsealed segment of a gone writer must stay the same size before it is
     /// abandoned (finished with its torn tail discarded).
     pub dead_writer_grace: Duration,
+    /// Tells whether a writer pid is alive (default: `/proc/<pid>` exists). Tests inject
+    /// their own.
+    pub liveness: Liveness,
 }
 
 impl Default for TailerOptions {
@@ -75,7 +78,26 @@ impl Default for TailerOptions {
         TailerOptions {
             read_buffer: 1 << 20,
             dead_writer_grace: Duration::from_secs(10),
+            liveness: Liveness::default(),
         }
+    }
+}
+
+/// Whether a process id is alive.
+#[derive(Clone)]
+pub struct Liveness(pub std::sync::Arc<dyn Fn(u32) -> bool + Send + Sync>);
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness(std::sync::Arc::new(|pid| {
+            Path::new("/proc").join(pid.to_string()).exists()
+        }))
+    }
+}
+
+impl std::fmt::Debug for Liveness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Liveness(..)")
     }
 }
 
@@ -213,10 +235,6 @@ fn name_pid(name: &str) -> Option<u32> {
     name.split('-').nth(1)?.parse().ok()
 }
 
-fn writer_alive(pid: u32) -> bool {
-    Path::new("/proc").join(pid.to_string()).exists()
-}
-
 impl Tailer {
     /// A tailer over `dir`, resuming at the committed `start` positions (segment file name →
     /// position). Reads nothing until [`poll`](Self::poll).
@@ -285,6 +303,11 @@ impl Tailer {
             .values()
             .filter(|s| !s.bad_header && (s.offset > 0 || s.finished))
             .map(|s| (s.name.clone(), s.position()))
+            // Before the first poll the start positions are all there is: they must survive a
+            // commit made before anything was read.
+            .chain(self.start.iter().map(|(n, p)| (n.clone(), *p)))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
             .collect()
     }
 
@@ -337,6 +360,7 @@ impl Tailer {
                 now,
                 grace,
                 superseded: superseded.contains(&seg.name),
+                liveness: &self.options.liveness,
             };
             match read_segment(
                 seg,
@@ -399,6 +423,8 @@ impl Tailer {
                 },
             );
         }
+        // Start positions of segments that are gone are of no further use.
+        self.start.clear();
         self.segs.retain(|name, s| {
             let keep = seen.binary_search(name).is_ok();
             if !keep && !s.finished {
@@ -449,10 +475,11 @@ impl Tailer {
     }
 }
 
-struct ReadCtx {
+struct ReadCtx<'a> {
     now: Instant,
     grace: Duration,
     superseded: bool,
+    liveness: &'a Liveness,
 }
 
 /// Reads one segment from its position until its end, its seal, or the budget.
@@ -460,7 +487,7 @@ fn read_segment(
     seg: &mut Seg,
     buf: &mut [u8],
     stats: &mut TailStats,
-    ctx: ReadCtx,
+    ctx: ReadCtx<'_>,
     budget: &mut u64,
     poll: &mut PollStats,
     on_frame: &mut dyn FnMut(SegmentEvent<'_>),
@@ -655,9 +682,9 @@ fn read_segment(
 }
 
 /// Whether an unsealed segment's writer is gone and it stopped growing long enough ago.
-fn gone(seg: &Seg, ctx: &ReadCtx) -> bool {
+fn gone(seg: &Seg, ctx: &ReadCtx<'_>) -> bool {
     ctx.now.saturating_duration_since(seg.last_growth) >= ctx.grace
-        && (ctx.superseded || seg.pid.is_none_or(|pid| !writer_alive(pid)))
+        && (ctx.superseded || seg.pid.is_none_or(|pid| !(ctx.liveness.0)(pid)))
 }
 
 /// Reads into `buf` at `offset` until `buf` is full or the file's `size` is reached.
@@ -752,6 +779,7 @@ mod tests {
         TailerOptions {
             read_buffer: 0,
             dead_writer_grace: grace,
+            ..TailerOptions::default()
         }
     }
 
@@ -1063,6 +1091,23 @@ mod tests {
         assert!(dir.path().join(&b).exists());
         assert_eq!(t.positions().len(), 1);
         assert_eq!(t.stats().deleted_segments, 1);
+    }
+
+    #[test]
+    fn positions_before_the_first_poll_are_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = HashMap::from([(
+            "1-2-000003.seg".to_string(),
+            Position {
+                offset: 40,
+                finished: false,
+            },
+        )]);
+        let mut t = Tailer::new(dir.path(), start.clone(), opts(Duration::ZERO));
+        assert_eq!(t.positions(), start.into_iter().collect::<Vec<_>>());
+        // The segment does not exist: forgotten once the folder was read.
+        poll(&mut t, u64::MAX, Instant::now());
+        assert!(t.positions().is_empty());
     }
 
     #[test]
