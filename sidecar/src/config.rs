@@ -383,6 +383,27 @@ pub fn parse_duration(text: &str) -> Result<Duration, Problem> {
 
 const DAY: Duration = Duration::from_secs(86_400);
 
+/// Formats a duration the way the file writes it: the largest unit that divides it
+/// (`"5s"`, `"100ms"`, `"1d"`), so `parse_duration(&format_duration(d)) == Ok(d)` for
+/// whole milliseconds.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".to_string();
+    }
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
 /// A bucket: a duration of whole seconds dividing a day, or of whole days.
 pub fn parse_bucket(text: &str) -> Result<Duration, Problem> {
     let d = parse_duration(text)?;
@@ -574,10 +595,14 @@ impl Config {
         let _ = writeln!(s, "spool_dir     {}", self.spool_dir.display());
         let _ = writeln!(s, "database_url  {}", redact_url(&self.database_url));
         let _ = writeln!(s, "node          {}", self.node);
-        let _ = writeln!(s, "flush         every {:?}", self.flush_interval);
+        let _ = writeln!(
+            s,
+            "flush         every {}",
+            format_duration(self.flush_interval)
+        );
         let _ = writeln!(s, "listen        {}", self.listen);
         let _ = writeln!(s, "binlog        {}", self.binlog.display());
-        let _ = writeln!(s, "retain        {:?}", self.retain);
+        let _ = writeln!(s, "retain        {}", format_duration(self.retain));
         let _ = writeln!(s, "max keys      {}", self.max_pending_keys);
         for (i, r) in self.rules.iter().enumerate() {
             let metrics: Vec<String> = r
@@ -587,9 +612,9 @@ impl Config {
                 .collect();
             let _ = writeln!(
                 s,
-                "rule[{i}]       {} bucket {:?} group_by [{}] metrics {{ {} }}",
+                "rule[{i}]       {} bucket {} group_by [{}] metrics {{ {} }}",
                 r.table,
-                r.bucket,
+                format_duration(r.bucket),
                 r.group_by.join(", "),
                 metrics.join(", ")
             );
@@ -601,7 +626,18 @@ impl Config {
 /// Hides a password in a connection URL (`postgres://user:secret@host` → `user:***@host`).
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        // A key=value connection string.
+        return url
+            .split(' ')
+            .map(|kv| {
+                if kv.starts_with("password=") {
+                    "password=***"
+                } else {
+                    kv
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
     };
     let Some((auth, host)) = rest.split_once('@') else {
         return url.to_string();
@@ -694,6 +730,11 @@ metrics = {{ n = "count" }}
         assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(2 * 86_400)));
+        for text in [
+            "0s", "100ms", "1500ms", "5s", "90s", "1m", "1h", "36h", "1d", "7d",
+        ] {
+            assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+        }
         for bad in [
             "",
             "5",
@@ -914,6 +955,9 @@ metrics = {{ n = "count" }}
     fn redaction() {
         assert_eq!(redact_url("postgres://a:b@h/d"), "postgres://a:***@h/d");
         assert_eq!(redact_url("postgres://a@h/d"), "postgres://a@h/d");
-        assert_eq!(redact_url("host=x password=y"), "host=x password=y");
+        assert_eq!(
+            redact_url("host=x password=y user=u"),
+            "host=x password=*** user=u"
+        );
     }
 }
