@@ -166,7 +166,19 @@ unsafe fn conf_error(
 ) -> *mut c_char {
     // SAFETY: cmd is the directive being handled; its name is a static nginx string.
     let name = unsafe { String::from_utf8_lossy((*cmd).name.as_bytes()).into_owned() };
-    ngx::ngx_conf_log_error!(ngx::ffi::NGX_LOG_EMERG, cf, "{err} in \"{name}\" directive");
+    match err {
+        // nginx's own wording for a repeated directive.
+        ConfError::Duplicate => {
+            ngx::ngx_conf_log_error!(
+                ngx::ffi::NGX_LOG_EMERG,
+                cf,
+                "\"{name}\" directive is duplicate"
+            );
+        }
+        _ => {
+            ngx::ngx_conf_log_error!(ngx::ffi::NGX_LOG_EMERG, cf, "{err} in \"{name}\" directive");
+        }
+    }
     NGX_CONF_ERROR
 }
 

@@ -1,0 +1,841 @@
+//! The nginx module in a real nginx (2 workers, loopback): every request becomes exactly one
+//! spool record, bad configurations fail `nginx -t` naming the directive, reloads and a
+//! killed worker lose nothing they should not, odd values are recorded faithfully or cut
+//! by the documented rule, a spool that cannot take writes never hurts nginx, and
+//! `logtally_status` is valid Prometheus text with the right numbers.
+//!
+//! Needs the module built first (`scripts/nginx-build.sh module`); see `logtally_e2e::nginx`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use logtally_e2e::nginx::{read_spool, test_config, HttpClient, SegmentContents, TestNginx};
+
+/// Values one request id sends; absent (`None`) and empty (`Some("")`) both occur.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sent {
+    id: u64,
+    ad: Option<String>,
+    ev: Option<String>,
+    tag: Option<String>,
+    status: u16,
+}
+
+impl Sent {
+    fn for_id(id: u64) -> Sent {
+        let ad = (id % 7 != 0).then(|| format!("{}", id * 31 % 1000));
+        let ev = match id % 4 {
+            0 => Some("view".to_string()),
+            1 => Some("click".to_string()),
+            2 => Some(String::new()),
+            _ => None,
+        };
+        let tag = match id % 5 {
+            0 => None,
+            1 => Some(String::new()),
+            n => Some(format!("t{n}x{}", id % 13)),
+        };
+        let status = if id % 10 == 9 { 404 } else { 204 };
+        Sent {
+            id,
+            ad,
+            ev,
+            tag,
+            status,
+        }
+    }
+
+    fn target(&self) -> String {
+        let path = if self.status == 404 { "/missing" } else { "/e" };
+        let mut t = format!("{path}?id={}", self.id);
+        if let Some(ad) = &self.ad {
+            t.push_str(&format!("&ad={ad}"));
+        }
+        if let Some(ev) = &self.ev {
+            t.push_str(&format!("&ev={ev}"));
+        }
+        t
+    }
+
+    fn send(&self, client: &mut HttpClient) -> std::io::Result<u16> {
+        let headers: Vec<(&str, &[u8])> =
+            self.tag.iter().map(|t| ("X-Tag", t.as_bytes())).collect();
+        Ok(client.get(self.target().as_bytes(), &headers)?.status)
+    }
+
+    /// The record's values, in the configuration's field order.
+    fn expected(&self) -> Vec<Option<Vec<u8>>> {
+        let b = |s: &Option<String>| s.as_ref().map(|s| s.as_bytes().to_vec());
+        let pair = format!(
+            "{}/{}",
+            self.ad.as_deref().unwrap_or(""),
+            self.ev.as_deref().unwrap_or("")
+        );
+        vec![
+            Some(self.id.to_string().into_bytes()),
+            b(&self.ad),
+            b(&self.ev),
+            Some(self.status.to_string().into_bytes()),
+            b(&self.tag),
+            Some(pair.into_bytes()),
+        ]
+    }
+}
+
+const FIELDS_CONF: &str = r#"
+    logtally_spool @DIR@/spool flush=20ms;
+    log_format lt '$arg_id\t$arg_ad\t$arg_ev\t$status\t$http_x_tag\t$msec';
+    server {
+        listen 127.0.0.1:@PORT@;
+        logtally on;
+        logtally_field id $arg_id;
+        logtally_field ad $arg_ad;
+        logtally_field ev $arg_ev;
+        logtally_field st $status;
+        logtally_field tag $http_x_tag;
+        logtally_field pair "$arg_ad/$arg_ev";
+        access_log @DIR@/access.log lt;
+        location / { return 204; }
+        location /missing { return 404; }
+    }
+"#;
+
+fn all_events(segs: &[SegmentContents]) -> Vec<(&SegmentContents, &logtally_e2e::nginx::Event)> {
+    segs.iter()
+        .flat_map(|s| s.events.iter().map(move |e| (s, e)))
+        .collect()
+}
+
+fn id_of(seg: &SegmentContents, e: &logtally_e2e::nginx::Event) -> u64 {
+    let v = seg.value(e, "id").expect("every record has an id");
+    std::str::from_utf8(v).unwrap().parse().unwrap()
+}
+
+/// Every segment of a cleanly stopped nginx: sealed, nothing corrupt or torn, seal counts
+/// match the frames.
+fn assert_clean(segs: &[SegmentContents]) {
+    for s in segs {
+        assert_eq!(s.corrupt_bytes, 0, "{}", s.path.display());
+        assert_eq!(s.torn_bytes, 0, "{}", s.path.display());
+        let seal = s
+            .seal
+            .unwrap_or_else(|| panic!("{} not sealed", s.path.display()));
+        assert_eq!(
+            seal,
+            (s.events.len() as u64, s.dropped),
+            "{}",
+            s.path.display()
+        );
+    }
+}
+
+#[test]
+fn twenty_thousand_requests_match_what_was_sent_and_the_access_log() {
+    const TOTAL: u64 = 20_000;
+    const THREADS: u64 = 8;
+    let mut n = TestNginx::start(FIELDS_CONF, 2);
+    let addr = n.addr();
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut client = HttpClient::new(addr);
+                for id in (t..TOTAL).step_by(THREADS as usize) {
+                    let sent = Sent::for_id(id);
+                    let status = sent.send(&mut client).expect("request");
+                    assert_eq!(status, sent.status, "id {id}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    n.quit();
+
+    let segs = read_spool(&n.dir().join("spool"));
+    assert!(!segs.is_empty());
+    assert_clean(&segs);
+    let fields = ["id", "ad", "ev", "st", "tag", "pair"];
+    for s in &segs {
+        assert_eq!(s.fields, fields);
+        assert_eq!(s.dropped, 0);
+    }
+    let events = all_events(&segs);
+    assert_eq!(events.len() as u64, TOTAL);
+    let writers: HashSet<u32> = segs.iter().map(|s| s.writer_pid).collect();
+    assert_eq!(writers.len(), 2, "both workers wrote");
+
+    let mut by_id = HashMap::new();
+    for (seg, e) in &events {
+        let id = id_of(seg, e);
+        assert_eq!(e.values, Sent::for_id(id).expected(), "id {id}");
+        assert!(by_id.insert(id, (*seg, *e)).is_none(), "id {id} twice");
+    }
+    assert_eq!(by_id.len() as u64, TOTAL);
+
+    // The stock access log, written for the same requests, line by line.
+    let log = std::fs::read_to_string(n.dir().join("access.log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len() as u64, TOTAL);
+    let shown = |v: Option<&[u8]>| v.map_or("-".to_string(), |v| String::from_utf8_lossy(v).into());
+    for line in lines {
+        let cols: Vec<&str> = line.split('\t').collect();
+        assert_eq!(cols.len(), 6, "{line:?}");
+        let id: u64 = cols[0].parse().unwrap();
+        let (seg, e) = by_id[&id];
+        for (i, name) in ["id", "ad", "ev", "st", "tag"].iter().enumerate() {
+            assert_eq!(shown(seg.value(e, name)), cols[i], "id {id} field {name}");
+        }
+        // Record time is the request start; $msec is when the line was logged.
+        let logged_ms = (cols[5].parse::<f64>().unwrap() * 1000.0).round() as u64;
+        assert!(
+            e.time_ms <= logged_ms && logged_ms - e.time_ms < 5_000,
+            "id {id} time"
+        );
+    }
+}
+
+const GOOD: &str = r#"
+    logtally_spool @DIR@/spool;
+    server {
+        listen 127.0.0.1:@PORT@;
+        logtally on;
+        logtally_field a $arg_a;
+        location / { return 204; }
+    }
+"#;
+
+fn assert_rejected(body: &str, prepare: impl FnOnce(&Path), wanted: &[&str]) {
+    let out = test_config(body, prepare);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted:\n{body}\n{stderr}");
+    for w in wanted {
+        assert!(stderr.contains(w), "{w:?} not in:\n{stderr}");
+    }
+    assert!(stderr.contains("nginx.conf:"), "no file:line in:\n{stderr}");
+}
+
+#[test]
+fn bad_configurations_fail_nginx_t_naming_the_directive() {
+    let ok = test_config(GOOD, |_| {});
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let field = |line: &str| GOOD.replace("logtally_field a $arg_a;", line);
+    let spool = |line: &str| GOOD.replace("logtally_spool @DIR@/spool;", line);
+    assert_rejected(
+        &field("logtally_field a $arg_a; logtally_field b \"x$no_such_thing\";"),
+        |_| {},
+        &["logtally_field", "no_such_thing"],
+    );
+    assert_rejected(
+        &field("logtally_field b $nope;"),
+        |_| {},
+        &["logtally_field", "nope"],
+    );
+    assert_rejected(
+        &spool("logtally_spool @DIR@/spool segment_size=lots;"),
+        |_| {},
+        &["\"logtally_spool\" directive", "segment_size", "lots"],
+    );
+    assert_rejected(
+        &spool("logtally_spool @DIR@/spool flush=soon;"),
+        |_| {},
+        &["\"logtally_spool\" directive", "flush", "soon"],
+    );
+    assert_rejected(
+        &spool("logtally_spool @DIR@/spool fsync=never;"),
+        |_| {},
+        &["\"logtally_spool\" directive", "fsync"],
+    );
+    assert_rejected(
+        &spool("logtally_spool @DIR@/afile/spool;"),
+        |d| std::fs::write(d.join("afile"), b"x").unwrap(),
+        &["\"logtally_spool\" directive", "not a folder"],
+    );
+    assert_rejected(
+        &spool("logtally_spool @DIR@/no/such/parent;"),
+        |_| {},
+        &["\"logtally_spool\" directive", "cannot be created"],
+    );
+    if let Some(ro) = TmpfsMount::new("ro,size=1m") {
+        assert_rejected(
+            &spool(&format!("logtally_spool {}/spool;", ro.path.display())),
+            |_| {},
+            &["\"logtally_spool\" directive", "Read-only"],
+        );
+    } else {
+        eprintln!("cannot mount tmpfs here: read-only spool case skipped");
+    }
+    assert_rejected(
+        &field("logtally_field a;"),
+        |_| {},
+        &["invalid number of arguments in \"logtally_field\" directive"],
+    );
+    assert_rejected(
+        &field("logtally_field 9a $arg_a;"),
+        |_| {},
+        &["logtally_field", "9a"],
+    );
+    assert_rejected(
+        &field("logtally_field a $arg_a; logtally_field a $arg_b;"),
+        |_| {},
+        &["logtally_field", "twice"],
+    );
+    assert_rejected(
+        &spool(""),
+        |_| {},
+        &["\"logtally\" directive", "logtally_spool"],
+    );
+    assert_rejected(
+        &spool("logtally_spool @DIR@/spool; logtally_spool @DIR@/spool;"),
+        |_| {},
+        &["\"logtally_spool\" directive is duplicate"],
+    );
+}
+
+/// A tmpfs mounted for a test, unmounted (lazily, so a crashed test cannot wedge it) on drop.
+struct TmpfsMount {
+    path: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TmpfsMount {
+    /// Mounts a tmpfs with `options` on a new temporary folder; `None` where mounting is
+    /// not allowed (not root, no CAP_SYS_ADMIN).
+    fn new(options: &str) -> Option<TmpfsMount> {
+        let dir = tempfile::Builder::new()
+            .prefix("logtally-mnt-")
+            .tempdir()
+            .ok()?;
+        let path = dir.path().to_path_buf();
+        Self::at(&path, options).map(|mut m| {
+            m._dir = Some(dir);
+            m
+        })
+    }
+
+    fn at(path: &Path, options: &str) -> Option<TmpfsMount> {
+        std::fs::create_dir_all(path).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| TmpfsMount {
+            path: path.to_path_buf(),
+            _dir: None,
+        })
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+const PID_CONF: &str = r#"
+    logtally_spool @DIR@/spool flush=20ms;
+    server {
+        listen 127.0.0.1:@PORT@;
+        logtally on;
+        logtally_field id $arg_id;
+        logtally_field pid $pid;
+        location / { return 200 "$pid"; }
+    }
+"#;
+
+/// Clients sending unique ids until told to stop. Each id is either answered (with the
+/// serving worker's pid) or failed before an answer (it may or may not have been logged).
+struct Load {
+    stop: Arc<AtomicBool>,
+    answered: Arc<Mutex<HashMap<u64, i32>>>,
+    uncertain: Arc<Mutex<HashSet<u64>>>,
+    count: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(n: &TestNginx, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(Mutex::new(HashMap::new()));
+        let uncertain = Arc::new(Mutex::new(HashSet::new()));
+        let count = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let addr = n.addr();
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, answered, uncertain, count, next) = (
+                    stop.clone(),
+                    answered.clone(),
+                    uncertain.clone(),
+                    count.clone(),
+                    next.clone(),
+                );
+                std::thread::spawn(move || {
+                    // A connection per request: a reload or a killed worker then leaves a
+                    // request either answered or not sent, never ambiguous on keep-alive.
+                    let mut client = HttpClient::one_shot(addr);
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = next.fetch_add(1, Ordering::Relaxed);
+                        match client.get(format!("/e?id={id}").as_bytes(), &[]) {
+                            Ok(r) if r.status == 200 => {
+                                let pid = String::from_utf8_lossy(&r.body).parse().unwrap();
+                                answered.lock().unwrap().insert(id, pid);
+                                count.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {
+                                uncertain.lock().unwrap().insert(id);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            answered,
+            uncertain,
+            count,
+            threads,
+        }
+    }
+
+    fn wait_for_more(&self, n: &TestNginx, more: u64) {
+        let target = self.count.load(Ordering::Relaxed) + more;
+        n.wait_until(Duration::from_secs(30), "requests", || {
+            self.count.load(Ordering::Relaxed) >= target
+        });
+    }
+
+    fn finish(self) -> (HashMap<u64, i32>, HashSet<u64>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let a = std::mem::take(&mut *self.answered.lock().unwrap());
+        let u = std::mem::take(&mut *self.uncertain.lock().unwrap());
+        (a, u)
+    }
+}
+
+/// Ids in the spool with how often each occurs, and the pid each record names.
+fn logged_ids(segs: &[SegmentContents]) -> HashMap<u64, (usize, u32)> {
+    let mut seen: HashMap<u64, (usize, u32)> = HashMap::new();
+    for (seg, e) in all_events(segs) {
+        let pid: u32 = std::str::from_utf8(seg.value(e, "pid").unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(pid, seg.writer_pid, "a record in another worker's segment");
+        seen.entry(id_of(seg, e)).or_insert((0, pid)).0 += 1;
+    }
+    seen
+}
+
+#[test]
+fn ten_reloads_under_load_lose_and_double_nothing() {
+    let mut n = TestNginx::start(PID_CONF, 2);
+    let load = Load::start(&n, 4);
+    load.wait_for_more(&n, 300);
+    let mut retired = HashSet::new();
+    for i in 0..10 {
+        let old = n.worker_pids();
+        retired.extend(old.iter().copied());
+        // Alternate the flush interval so each reload really is a new configuration.
+        n.write_config(&PID_CONF.replace(
+            "flush=20ms",
+            if i % 2 == 0 {
+                "flush=30ms"
+            } else {
+                "flush=20ms"
+            },
+        ));
+        n.reload();
+        n.wait_until(Duration::from_secs(20), "new workers", || {
+            let now = n.worker_pids();
+            now.len() == 2 && now.iter().all(|p| !old.contains(p))
+        });
+        load.wait_for_more(&n, 200);
+    }
+    let (answered, uncertain) = load.finish();
+    n.wait_until(Duration::from_secs(20), "old workers to exit", || {
+        n.children().iter().all(|(pid, _)| !retired.contains(pid))
+    });
+    let log = n.error_log();
+    n.quit();
+    assert!(!log.contains("exited on signal"), "{log}");
+    assert!(
+        uncertain.len() < 10,
+        "{} requests failed during reloads",
+        uncertain.len()
+    );
+
+    let segs = read_spool(&n.dir().join("spool"));
+    assert_clean(&segs);
+    let writers: HashSet<u32> = segs.iter().map(|s| s.writer_pid).collect();
+    assert!(
+        writers.len() >= 12,
+        "only {} worker generations wrote",
+        writers.len()
+    );
+    let seen = logged_ids(&segs);
+    for (id, pid) in &answered {
+        let (times, logged_pid) = seen.get(id).copied().unwrap_or((0, 0));
+        assert_eq!(times, 1, "answered id {id} logged {times} times");
+        assert_eq!(logged_pid, *pid as u32, "id {id}");
+    }
+    for (id, (times, _)) in &seen {
+        assert!(
+            answered.contains_key(id) || uncertain.contains(id),
+            "id {id} never sent"
+        );
+        assert_eq!(*times, 1, "id {id} doubled");
+    }
+}
+
+#[test]
+fn a_killed_worker_leaves_every_other_record_intact() {
+    let mut n = TestNginx::start(PID_CONF, 2);
+    let load = Load::start(&n, 4);
+    load.wait_for_more(&n, 1000);
+    let victim = n.worker_pids()[0];
+    // SAFETY: kill(2) on a worker of our own nginx.
+    assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
+    n.wait_until(Duration::from_secs(20), "a replacement worker", || {
+        let now = n.worker_pids();
+        now.len() == 2 && !now.contains(&victim)
+    });
+    load.wait_for_more(&n, 1000);
+    let (answered, uncertain) = load.finish();
+    n.quit();
+    assert!(n.error_log().contains("exited on signal 9"));
+
+    let segs = read_spool(&n.dir().join("spool"));
+    let (dead, alive): (Vec<_>, Vec<_>) = segs
+        .iter()
+        .cloned()
+        .partition(|s| s.writer_pid == victim as u32);
+    assert!(!dead.is_empty(), "the killed worker had written");
+    assert_clean(&alive);
+    for s in &dead {
+        // Its tail may be torn; everything before it must decode.
+        assert_eq!(s.corrupt_bytes, 0, "{}", s.path.display());
+        assert!(s.seal.is_none(), "a killed worker cannot seal");
+    }
+    let seen = logged_ids(&segs);
+    for (id, pid) in &answered {
+        let times = seen.get(id).map_or(0, |s| s.0);
+        if *pid == victim {
+            assert!(times <= 1, "id {id} logged {times} times");
+        } else {
+            assert_eq!(times, 1, "id {id} (worker {pid}) logged {times} times");
+        }
+    }
+    for (id, (times, _)) in &seen {
+        assert!(
+            answered.contains_key(id) || uncertain.contains(id),
+            "id {id} never sent"
+        );
+        assert_eq!(*times, 1, "id {id} doubled");
+    }
+}
+
+const ODD_CONF: &str = r#"
+    large_client_header_buffers 4 128k;
+    logtally_spool @DIR@/spool flush=20ms;
+    server {
+        listen 127.0.0.1:@PORT@;
+        logtally on;
+        logtally_field q $arg_q;
+        logtally_field big $http_x_big;
+        logtally_field raw $http_x_raw;
+        logtally_field b $arg_b;
+        logtally_field e $arg_e;
+        logtally_field he $http_x_empty;
+        logtally_field none $arg_none;
+        location / { return 204; }
+        location /status { logtally off; logtally_status; }
+    }
+"#;
+
+/// Reads one counter from `logtally_status`.
+fn status_value(text: &str, name: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .unwrap_or_else(|| panic!("{name} not in status:\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+fn status(addr: std::net::SocketAddr) -> String {
+    let r = HttpClient::new(addr).get(b"/status", &[]).unwrap();
+    assert_eq!(r.status, 200);
+    String::from_utf8(r.body).unwrap()
+}
+
+#[test]
+fn huge_non_utf8_and_empty_values_are_recorded_or_cut_by_the_rule() {
+    let mut n = TestNginx::start(ODD_CONF, 2);
+    let workers = n.worker_pids();
+    let mut client = HttpClient::new(n.addr());
+
+    let q = "a".repeat(64 * 1024);
+    let big = vec![b'b'; 8 * 1024];
+    let raw: &[u8] = b"\xff\xfe\x80x\xc3";
+    let mut target = format!("/e?q={q}&e=&b=").into_bytes();
+    target.extend_from_slice(b"\xff\xfe%zz");
+    let r = client
+        .get(
+            &target,
+            &[("X-Big", &big), ("X-Raw", raw), ("X-Empty", b"")],
+        )
+        .unwrap();
+    assert_eq!(r.status, 204);
+    // Exactly at the limit: kept whole.
+    let q2 = "c".repeat(4096);
+    let big2 = vec![b'd'; 4095];
+    let r = client
+        .get(format!("/e?q={q2}").as_bytes(), &[("X-Big", &big2)])
+        .unwrap();
+    assert_eq!(r.status, 204);
+    // nginx is unharmed: the same workers answer ordinary requests.
+    assert_eq!(client.get(b"/e?q=fine", &[]).unwrap().status, 204);
+    assert_eq!(n.worker_pids(), workers);
+
+    n.wait_until(Duration::from_secs(10), "3 events", || {
+        status_value(&status(n.addr()), "logtally_module_events_total") == 3
+    });
+    let text = status(n.addr());
+    assert_eq!(
+        status_value(&text, "logtally_module_truncated_values_total"),
+        2
+    );
+    n.quit();
+    assert!(!n.error_log().contains("exited on signal"));
+
+    let segs = read_spool(&n.dir().join("spool"));
+    assert_clean(&segs);
+    let events = all_events(&segs);
+    assert_eq!(events.len(), 3);
+    // Find each request's record by the first byte of its `q`.
+    let find = |first: u8| {
+        events
+            .iter()
+            .find(|(s, e)| s.value(e, "q").and_then(|q| q.first()) == Some(&first))
+            .copied()
+            .unwrap_or_else(|| panic!("no record with q starting {:?}", first as char))
+    };
+    // Long values are compared with assert! to keep failure output readable.
+    let (s, e) = find(b'a');
+    assert!(
+        s.value(e, "q") == Some(&q.as_bytes()[..4096]),
+        "q cut to 4096 bytes"
+    );
+    assert!(
+        s.value(e, "big") == Some(&big[..4096]),
+        "8 KiB header cut to 4096 bytes"
+    );
+    assert_eq!(s.value(e, "raw"), Some(raw));
+    assert_eq!(s.value(e, "b"), Some(&b"\xff\xfe%zz"[..]));
+    assert_eq!(s.value(e, "e"), Some(&b""[..]));
+    assert_eq!(s.value(e, "he"), Some(&b""[..]));
+    assert_eq!(s.value(e, "none"), None);
+    let (s, e) = find(b'c');
+    assert!(
+        s.value(e, "q") == Some(q2.as_bytes()),
+        "4096 bytes kept whole"
+    );
+    assert!(
+        s.value(e, "big") == Some(&big2[..]),
+        "4095 bytes kept whole"
+    );
+    assert_eq!(s.value(e, "raw"), None);
+    let (s, e) = find(b'f');
+    assert_eq!(s.value(e, "q"), Some(&b"fine"[..]));
+}
+
+const PAD_CONF: &str = r#"
+    logtally_spool @DIR@/spool flush=20ms fsync=off;
+    server {
+        listen 127.0.0.1:@PORT@;
+        logtally on;
+        logtally_field id $arg_id;
+        logtally_field pad $http_x_pad;
+        location / { return 204; }
+        location /status { logtally off; logtally_status; }
+    }
+"#;
+
+#[test]
+fn a_spool_that_cannot_take_writes_never_hurts_nginx() {
+    const TOTAL: u64 = 3000;
+    // A 1 MiB tmpfs fills after ~1000 of these records; without mount rights, a spool
+    // folder the workers may not write into does the same from the first record.
+    let mut mount = None;
+    let n = TestNginx::start_with(PAD_CONF, 2, |dir| {
+        mount = TmpfsMount::at(&dir.join("spool"), "size=1m");
+    });
+    let full_disk = mount.is_some();
+    if !full_disk {
+        eprintln!("cannot mount tmpfs here: using a read-only spool folder instead");
+        let spool = n.dir().join("spool");
+        std::fs::set_permissions(&spool, std::os::unix::fs::PermissionsExt::from_mode(0o500))
+            .unwrap();
+    }
+    let pad = vec![b'p'; 1000];
+    let addr = n.addr();
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let pad = pad.clone();
+            std::thread::spawn(move || {
+                let mut client = HttpClient::new(addr);
+                for id in (t..TOTAL).step_by(4) {
+                    let r = client.get(format!("/e?id={id}").as_bytes(), &[("X-Pad", &pad)]);
+                    assert_eq!(r.expect("nginx answers").status, 204, "id {id}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    n.wait_until(
+        Duration::from_secs(20),
+        "every event written or dropped",
+        || {
+            let text = status(addr);
+            status_value(&text, "logtally_module_events_total")
+                + status_value(&text, "logtally_module_dropped_total")
+                == TOTAL
+        },
+    );
+    let text = status(addr);
+    let dropped = status_value(&text, "logtally_module_dropped_total");
+    let written = status_value(&text, "logtally_module_events_total");
+    assert!(dropped > 0, "{text}");
+    assert!(
+        status_value(&text, "logtally_module_write_errors_total") > 0,
+        "{text}"
+    );
+    if full_disk {
+        assert!(written > 0, "the first MiB was written: {text}");
+    }
+    assert!(n.error_log().contains("logtally: writing to spool"));
+    assert!(!n.error_log().contains("exited on signal"));
+
+    // What did reach the spool is intact, and its drop markers count what did not (up to
+    // drops whose marker could not be written either).
+    let segs = read_spool(&n.dir().join("spool"));
+    let events: usize = segs.iter().map(|s| s.events.len()).sum();
+    assert_eq!(events as u64, written);
+    for s in &segs {
+        assert_eq!(s.corrupt_bytes, 0);
+    }
+    drop(n);
+    drop(mount);
+}
+
+#[test]
+fn status_is_valid_prometheus_text_with_the_counts_sent() {
+    const TOTAL: u64 = 300;
+    let n = TestNginx::start(ODD_CONF, 2);
+    let mut client = HttpClient::new(n.addr());
+    let long = "z".repeat(5000);
+    for i in 0..TOTAL {
+        let target = if i % 100 == 0 {
+            format!("/e?q={long}")
+        } else {
+            format!("/e?q={i}")
+        };
+        assert_eq!(client.get(target.as_bytes(), &[]).unwrap().status, 204);
+    }
+    n.wait_until(Duration::from_secs(10), "all events written", || {
+        status_value(&status(n.addr()), "logtally_module_events_total") == TOTAL
+    });
+    let r = HttpClient::new(n.addr()).get(b"/status", &[]).unwrap();
+    let text = String::from_utf8(r.body).unwrap();
+    let check = logtally_e2e::prometheus::promtool(&["check", "metrics"], Some(text.as_bytes()));
+    assert!(
+        check.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for name in [
+        "events_total",
+        "dropped_total",
+        "bytes_total",
+        "segments_total",
+        "truncated_values_total",
+    ] {
+        let full = format!("logtally_module_{name}");
+        assert!(text.contains(&format!("# HELP {full} ")), "{text}");
+        assert!(text.contains(&format!("# TYPE {full} counter")), "{text}");
+    }
+    assert_eq!(status_value(&text, "logtally_module_dropped_total"), 0);
+    assert_eq!(
+        status_value(&text, "logtally_module_truncated_values_total"),
+        3
+    );
+    assert_eq!(status_value(&text, "logtally_module_segments_total"), 0);
+    // Every byte after the headers of the (still open) segments was counted.
+    let segs = read_spool(&n.dir().join("spool"));
+    let on_disk: usize = segs.iter().map(|s| s.file_len - s.header_len).sum();
+    assert_eq!(
+        status_value(&text, "logtally_module_bytes_total"),
+        on_disk as u64
+    );
+    assert_eq!(
+        segs.iter().map(|s| s.events.len()).sum::<usize>() as u64,
+        TOTAL
+    );
+}
+
+#[test]
+fn levels_inherit_switch_off_and_leave_undeclared_fields_absent() {
+    let conf = r#"
+        logtally_spool @DIR@/spool flush=20ms;
+        logtally on;
+        logtally_field a $arg_a;
+        logtally_field b $arg_b;
+        server {
+            listen 127.0.0.1:@PORT@;
+            location /inherit { return 204; }
+            location /off { logtally off; return 204; }
+            location /own { logtally_field c $arg_c; return 204; }
+            location /status { logtally off; logtally_status; }
+        }
+    "#;
+    let mut n = TestNginx::start(conf, 2);
+    let mut client = HttpClient::new(n.addr());
+    for t in ["/inherit?a=1&b=2&c=3", "/off?a=9", "/own?a=1&b=2&c=3"] {
+        assert_eq!(client.get(t.as_bytes(), &[]).unwrap().status, 204);
+    }
+    n.wait_until(Duration::from_secs(10), "2 events", || {
+        status_value(&status(n.addr()), "logtally_module_events_total") == 2
+    });
+    n.quit();
+    let segs = read_spool(&n.dir().join("spool"));
+    let mut values: Vec<Vec<Option<Vec<u8>>>> = all_events(&segs)
+        .into_iter()
+        .map(|(_, e)| e.values.clone())
+        .collect();
+    values.sort();
+    for s in &segs {
+        assert_eq!(s.fields, ["a", "b", "c"]);
+    }
+    let v = |s: &str| Some(s.as_bytes().to_vec());
+    assert_eq!(
+        values,
+        vec![vec![None, None, v("3")], vec![v("1"), v("2"), None]]
+    );
+}
