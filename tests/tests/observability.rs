@@ -177,3 +177,344 @@ mod admin_in_process {
         assert!(rss.is_some_and(|v| v > 1e6), "{rss:?}");
     }
 }
+
+mod with_daemon {
+    use super::*;
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::time::Instant;
+
+    use logtally_e2e::postgres::TestPostgres;
+    use logtally_spool::{encode_drop_marker, encode_event, SegmentWriter, SegmentWriterConfig};
+
+    /// `$LOGTALLY_BIN`, else the newest of `target/{release,debug}/logtally` (build it
+    /// first: `cargo build -p logtally`).
+    fn logtally_bin() -> PathBuf {
+        if let Some(p) = std::env::var_os("LOGTALLY_BIN") {
+            return PathBuf::from(p);
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_file("target"));
+        ["release", "debug"]
+            .iter()
+            .map(|p| target.join(p).join("logtally"))
+            .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+            .max()
+            .map(|(_, p)| p)
+            .unwrap_or_else(|| {
+                panic!("no logtally binary: run `cargo build -p logtally` or set LOGTALLY_BIN")
+            })
+    }
+
+    fn free_addr() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// A `logtally run` with its own spool folder, config and log; killed on drop.
+    struct Sidecar {
+        child: Child,
+        dir: tempfile::TempDir,
+        addr: SocketAddr,
+    }
+
+    impl Sidecar {
+        fn start(database_url: &str) -> Sidecar {
+            let dir = tempfile::Builder::new()
+                .prefix("logtally-obs-")
+                .tempdir()
+                .unwrap();
+            let spool = dir.path().join("spool");
+            std::fs::create_dir(&spool).unwrap();
+            let addr = free_addr();
+            let config = format!(
+                r#"spool_dir = {spool:?}
+database_url = {database_url:?}
+node = "obs-e2e"
+flush_interval = "500ms"
+listen = "{addr}"
+binlog = {binlog:?}
+
+[[rule]]
+table = "obs_events_1m"
+bucket = "1m"
+group_by = ["ad", "ev"]
+metrics = {{ events = "count", bytes = "sum(bytes)" }}
+"#,
+                spool = spool.display().to_string(),
+                binlog = dir.path().join("binlog").display().to_string(),
+            );
+            let config_path = dir.path().join("logtally.toml");
+            std::fs::write(&config_path, config).unwrap();
+            let log = std::fs::File::create(dir.path().join("logtally.log")).unwrap();
+            let child = Command::new(logtally_bin())
+                .args(["run", "-c"])
+                .arg(&config_path)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("start logtally");
+            Sidecar { child, dir, addr }
+        }
+
+        fn spool(&self) -> PathBuf {
+            self.dir.path().join("spool")
+        }
+
+        fn log(&self) -> String {
+            std::fs::read_to_string(self.dir.path().join("logtally.log")).unwrap_or_default()
+        }
+
+        /// Polls `/readyz` until its status is `want`; returns the body.
+        fn wait_readyz(&mut self, want: u16, limit: Duration) -> String {
+            let deadline = Instant::now() + limit;
+            loop {
+                if let Ok(Some(exit)) = self.child.try_wait() {
+                    panic!("logtally exited ({exit}):\n{}", self.log());
+                }
+                let last = match http_get(self.addr, "/readyz") {
+                    Ok(r) if r.status == want => return r.text(),
+                    other => other.map(|r| (r.status, r.text())),
+                };
+                assert!(
+                    Instant::now() < deadline,
+                    "/readyz not {want} within {limit:?}; last {last:?}\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+
+        fn status(&self) -> serde_json::Value {
+            let r = http_get(self.addr, "/status").unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(r.header("content-type"), Some("application/json"));
+            serde_json::from_slice(&r.body).unwrap()
+        }
+    }
+
+    impl Drop for Sidecar {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn database(pg: &TestPostgres) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(pg.create_database())
+    }
+
+    fn sum_events(url: &str) -> Option<i64> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .ok()?;
+            let task = tokio::spawn(conn);
+            let row = client
+                .query_one(
+                    "SELECT coalesce(sum(events), 0)::bigint FROM obs_events_1m",
+                    &[],
+                )
+                .await
+                .ok();
+            drop(client);
+            let _ = task.await;
+            row.map(|r| r.get(0))
+        })
+    }
+
+    /// Writes `events` events in batches plus one drop marker of `dropped`, then seals,
+    /// through the spool crate's writer as the nginx module would.
+    fn write_spool(dir: &Path, events: u64, dropped: u64) {
+        let mut w = SegmentWriter::new(SegmentWriterConfig {
+            dir: dir.to_path_buf(),
+            fields: vec!["ad".into(), "ev".into(), "bytes".into()],
+            segment_size: u64::MAX,
+            // A live pid: the sidecar must not take the segment for a dead writer's.
+            pid: std::process::id(),
+            fsync: false,
+        })
+        .unwrap();
+        let mut buf = Vec::new();
+        let mut written = 0;
+        while written < events {
+            buf.clear();
+            let n = (events - written).min(1000);
+            for i in 0..n {
+                let ad = format!("ad{}", (written + i) % 7);
+                let ev: &[u8] = if i % 3 == 0 { b"click" } else { b"view" };
+                let values: [Option<&[u8]>; 3] = [Some(ad.as_bytes()), Some(ev), Some(b"100")];
+                encode_event(&mut buf, now_ms(), values);
+            }
+            w.append(&buf, n, 0, now_ms()).unwrap();
+            written += n;
+        }
+        buf.clear();
+        encode_drop_marker(&mut buf, now_ms(), dropped);
+        w.append(&buf, 0, dropped, now_ms()).unwrap();
+        w.seal(now_ms()).unwrap();
+    }
+
+    #[test]
+    fn real_sidecar_metrics_pass_promtool_and_count_events_through_prometheus() {
+        const EVENTS: u64 = 25_000;
+        const DROPPED: u64 = 17;
+        let pg = TestPostgres::start();
+        let url = database(&pg);
+        let mut sidecar = Sidecar::start(&url);
+        sidecar.wait_readyz(200, Duration::from_secs(30));
+
+        // (a) The binary's exposition, every family present, passes promtool's lint.
+        let resp = http_get(sidecar.addr, "/metrics").unwrap();
+        assert_eq!(resp.status, 200);
+        assert!(resp
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"));
+        let out = promtool(&["check", "metrics"], Some(&resp.body));
+        assert_promtool_ok(&out, "check metrics");
+        let lint = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            lint.trim().is_empty(),
+            "promtool check metrics complained:\n{lint}"
+        );
+        let text = resp.text();
+        assert!(
+            text.contains("logtally_rows_upserted_total{rule=\"obs_events_1m\"} 0"),
+            "{text}"
+        );
+
+        // (b) Events written to the spool come back through Prometheus's query API.
+        let prom = TestPrometheus::start(&[sidecar.addr], &[]);
+        prom.wait_for("up", Duration::from_secs(20), |v| v == Some(1.0));
+        prom.wait_for("logtally_events_read_total", Duration::from_secs(20), |v| {
+            v == Some(0.0)
+        });
+        let spool = sidecar.spool();
+        let written = Instant::now();
+        write_spool(&spool, EVENTS, DROPPED);
+        let limit = Duration::from_secs(60);
+        prom.wait_for("logtally_events_read_total", limit, |v| {
+            v == Some(EVENTS as f64)
+        });
+        eprintln!(
+            "{EVENTS} events in Prometheus {:?} after writing",
+            written.elapsed()
+        );
+        prom.wait_for("logtally_module_dropped_events_total", limit, |v| {
+            v == Some(DROPPED as f64)
+        });
+        // Committed: the table, the flush counters and /status agree with the metric.
+        prom.wait_for("logtally_lag_bytes", limit, |v| v == Some(0.0));
+        assert_eq!(sum_events(&url), Some(EVENTS as i64));
+        let ok_flushes = prom
+            .query_scalar("logtally_flushes_total{outcome=\"ok\"}")
+            .unwrap();
+        assert!(ok_flushes.is_some_and(|v| v >= 1.0), "{ok_flushes:?}");
+        let rows = prom.query_scalar("logtally_rows_upserted_total").unwrap();
+        // 7 ads × 2 event kinds, in one or two minute buckets.
+        assert!(rows.is_some_and(|v| (14.0..=28.0).contains(&v)), "{rows:?}");
+        let flush_count = prom
+            .query_scalar("logtally_flush_duration_seconds_count")
+            .unwrap();
+        assert!(flush_count.is_some_and(|v| v >= 1.0), "{flush_count:?}");
+
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            let s = sidecar.status();
+            let committed = s["segments"]
+                .as_object()
+                .is_some_and(|m| m.values().all(|seg| seg["lag_bytes"] == 0));
+            if committed || Instant::now() > deadline {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(status["ready"], true, "{status:#}");
+        assert_eq!(status["node"], "obs-e2e");
+        assert_eq!(status["module_dropped_events"], DROPPED, "{status:#}");
+        assert_eq!(status["database"]["up"], true);
+        assert_eq!(status["last_flush"]["outcome"], "ok");
+        assert_eq!(status["rules"][0]["table"], "obs_events_1m");
+        assert_eq!(status["lag_bytes"], 0, "{status:#}");
+        // The segment is either still listed fully committed, or already deleted.
+        for (name, seg) in status["segments"].as_object().unwrap() {
+            assert_eq!(
+                seg["committed_offset"], seg["size_bytes"],
+                "{name}: {status:#}"
+            );
+            assert_eq!(seg["sealed"], true, "{name}");
+        }
+    }
+
+    #[test]
+    fn readyz_and_prometheus_follow_a_postgres_outage() {
+        let mut pg = TestPostgres::start();
+        if !pg.is_private() {
+            eprintln!("skipped: TEST_DATABASE_URL is a server this test cannot stop");
+            return;
+        }
+        let url = database(&pg);
+        let mut sidecar = Sidecar::start(&url);
+        assert_eq!(sidecar.wait_readyz(200, Duration::from_secs(30)), "ready\n");
+        let alerts = repo_file("nginx-conf/logtally-alerts.yml");
+        let prom = TestPrometheus::start(&[sidecar.addr], &[alerts.as_path()]);
+        let limit = Duration::from_secs(30);
+        prom.wait_for("logtally_ready", limit, |v| v == Some(1.0));
+
+        let stopped = Instant::now();
+        pg.stop();
+        let body = sidecar.wait_readyz(503, limit);
+        eprintln!(
+            "/readyz 503 {:?} after PostgreSQL stopped",
+            stopped.elapsed()
+        );
+        assert!(
+            body.starts_with("not ready: database unreachable: "),
+            "{body}"
+        );
+        assert_eq!(http_get(sidecar.addr, "/healthz").unwrap().status, 200);
+        let status = sidecar.status();
+        assert_eq!(status["ready"], false);
+        assert_eq!(status["database"]["up"], false);
+        assert!(status["database"]["last_error"].is_string(), "{status:#}");
+        // Prometheus sees it too, and the shipped alert starts its `for` clock.
+        prom.wait_for("logtally_database_up", limit, |v| v == Some(0.0));
+        prom.wait_for("logtally_ready", limit, |v| v == Some(0.0));
+        prom.wait_for(
+            "ALERTS{alertname=\"LogtallyNotReady\",alertstate=\"pending\"}",
+            limit,
+            |v| v == Some(1.0),
+        );
+        let errors = prom.query_scalar("logtally_database_errors_total").unwrap();
+        assert!(errors.is_some_and(|v| v >= 1.0), "{errors:?}");
+
+        let restarted = Instant::now();
+        pg.start_again();
+        assert_eq!(sidecar.wait_readyz(200, limit), "ready\n");
+        eprintln!(
+            "/readyz 200 {:?} after PostgreSQL started again",
+            restarted.elapsed()
+        );
+        assert_eq!(sidecar.status()["database"]["up"], true);
+        prom.wait_for("logtally_ready", limit, |v| v == Some(1.0));
+        prom.wait_for("ALERTS{alertname=\"LogtallyNotReady\"}", limit, |v| {
+            v.is_none()
+        });
+    }
+}
