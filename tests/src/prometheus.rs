@@ -136,6 +136,14 @@ pub struct Sample {
     pub value: f64,
 }
 
+/// One `scrape_configs` entry.
+#[derive(Debug, Clone)]
+pub struct ScrapeJob<'a> {
+    pub name: &'a str,
+    pub metrics_path: &'a str,
+    pub targets: Vec<SocketAddr>,
+}
+
 /// A running Prometheus server scraping the given targets every second.
 #[derive(Debug)]
 pub struct TestPrometheus {
@@ -150,6 +158,16 @@ impl TestPrometheus {
     /// `rule_files` (absolute paths). Panics with the server's log if it does not become
     /// ready within 30 s.
     pub fn start(targets: &[SocketAddr], rule_files: &[&Path]) -> TestPrometheus {
+        let job = ScrapeJob {
+            name: "logtally",
+            metrics_path: "/metrics",
+            targets: targets.to_vec(),
+        };
+        TestPrometheus::start_jobs(&[job], rule_files)
+    }
+
+    /// Starts Prometheus scraping each job every second, loading `rule_files`.
+    pub fn start_jobs(jobs: &[ScrapeJob], rule_files: &[&Path]) -> TestPrometheus {
         let dir = tempfile::Builder::new()
             .prefix("logtally-prom-")
             .tempdir()
@@ -163,12 +181,21 @@ impl TestPrometheus {
                 let _ = writeln!(config, "  - {:?}", f.display().to_string());
             }
         }
-        config.push_str("scrape_configs:\n  - job_name: logtally\n    static_configs:\n");
-        let list: Vec<String> = targets
-            .iter()
-            .map(|t| format!("{:?}", t.to_string()))
-            .collect();
-        let _ = writeln!(config, "      - targets: [{}]", list.join(", "));
+        config.push_str("scrape_configs:\n");
+        for job in jobs {
+            let list: Vec<String> = job
+                .targets
+                .iter()
+                .map(|t| format!("{:?}", t.to_string()))
+                .collect();
+            let _ = writeln!(
+                config,
+                "  - job_name: {:?}\n    metrics_path: {:?}\n    static_configs:\n      - targets: [{}]",
+                job.name,
+                job.metrics_path,
+                list.join(", ")
+            );
+        }
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, &config).expect("write prometheus.yml");
 
@@ -293,7 +320,7 @@ impl TestPrometheus {
         }
     }
 
-    /// The health of the single scrape target, as Prometheus reports it (`up`, `down`,
+    /// The health of the first scrape target, as Prometheus reports it (`up`, `down`,
     /// `unknown`), with its last scrape error.
     pub fn target_health(&self) -> Result<(String, String), String> {
         let resp =

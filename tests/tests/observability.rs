@@ -185,7 +185,9 @@ mod with_daemon {
     use std::process::{Child, Command, Stdio};
     use std::time::Instant;
 
+    use logtally_e2e::nginx::{HttpClient, TestNginx};
     use logtally_e2e::postgres::TestPostgres;
+    use logtally_e2e::prometheus::ScrapeJob;
     use logtally_spool::{encode_drop_marker, encode_event, SegmentWriter, SegmentWriterConfig};
 
     /// `$LOGTALLY_BIN`, else the newest of `target/{release,debug}/logtally` (build it
@@ -224,12 +226,17 @@ mod with_daemon {
 
     impl Sidecar {
         fn start(database_url: &str) -> Sidecar {
+            Sidecar::start_on(database_url, None)
+        }
+
+        /// Reads `spool` (default: a folder of its own, see [`Sidecar::spool`]).
+        fn start_on(database_url: &str, spool: Option<&Path>) -> Sidecar {
             let dir = tempfile::Builder::new()
                 .prefix("logtally-obs-")
                 .tempdir()
                 .unwrap();
-            let spool = dir.path().join("spool");
-            std::fs::create_dir(&spool).unwrap();
+            let spool = spool.map_or_else(|| dir.path().join("spool"), Path::to_path_buf);
+            std::fs::create_dir_all(&spool).unwrap();
             let addr = free_addr();
             let config = format!(
                 r#"spool_dir = {spool:?}
@@ -263,6 +270,7 @@ metrics = {{ events = "count", bytes = "sum(bytes)" }}
             Sidecar { child, dir, addr }
         }
 
+        /// The sidecar's own spool folder (when started without one).
         fn spool(&self) -> PathBuf {
             self.dir.path().join("spool")
         }
@@ -516,5 +524,139 @@ metrics = {{ events = "count", bytes = "sum(bytes)" }}
         prom.wait_for("ALERTS{alertname=\"LogtallyNotReady\"}", limit, |v| {
             v.is_none()
         });
+    }
+
+    /// Where nginx drops events on purpose: a 32-slot queue drained every 100 ms.
+    const DROP_CONF: &str = r#"
+    logtally_spool @DIR@/spool flush=100ms queue=32 fsync=off;
+    server {
+        listen 127.0.0.1:@PORT@;
+        logtally on;
+        logtally_field ad $arg_ad;
+        logtally_field ev $arg_ev;
+        logtally_field bytes $arg_b;
+        location / { return 204; }
+        location /status { logtally off; logtally_status; }
+    }
+"#;
+
+    /// The value of an unlabelled sample `name` in Prometheus text.
+    fn text_value(text: &str, name: &str) -> Option<f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    #[test]
+    fn module_drops_agree_in_nginx_status_sidecar_metrics_status_and_prometheus() {
+        const TOTAL: u64 = 4000;
+        let pg = TestPostgres::start();
+        let url = database(&pg);
+        let nginx = TestNginx::start(DROP_CONF, 1);
+        let mut sidecar = Sidecar::start_on(&url, Some(&nginx.dir().join("spool")));
+        sidecar.wait_readyz(200, Duration::from_secs(30));
+        let alerts = repo_file("nginx-conf/logtally-alerts.yml");
+        let prom = TestPrometheus::start_jobs(
+            &[
+                ScrapeJob {
+                    name: "logtally",
+                    metrics_path: "/metrics",
+                    targets: vec![sidecar.addr],
+                },
+                ScrapeJob {
+                    name: "logtally-nginx",
+                    metrics_path: "/status",
+                    targets: vec![nginx.addr()],
+                },
+            ],
+            &[alerts.as_path()],
+        );
+        let limit = Duration::from_secs(30);
+        // Seen at 0 first, so `increase()` in the alert has a before and an after.
+        prom.wait_for("logtally_module_dropped_events_total", limit, |v| {
+            v == Some(0.0)
+        });
+        prom.wait_for("logtally_module_dropped_total", limit, |v| v == Some(0.0));
+
+        let addr = nginx.addr();
+        let clients: Vec<_> = (0..4u64)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let mut client = HttpClient::new(addr);
+                    for i in (t..TOTAL).step_by(4) {
+                        let target = format!("/e?ad=a{}&ev=view&b=10", i % 5);
+                        let r = client.get(target.as_bytes(), &[]).expect("nginx answers");
+                        assert_eq!(r.status, 204);
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().unwrap();
+        }
+
+        // nginx has accounted for every request once its writer wrote or dropped each.
+        let nginx_status = || {
+            let r = HttpClient::new(addr).get(b"/status", &[]).unwrap();
+            String::from_utf8(r.body).unwrap()
+        };
+        let count = |text: &str, name: &str| text_value(text, name).unwrap() as u64;
+        nginx.wait_until(limit, "every event written or dropped", || {
+            let t = nginx_status();
+            count(&t, "logtally_module_events_total") + count(&t, "logtally_module_dropped_total")
+                == TOTAL
+        });
+        let t = nginx_status();
+        let dropped = count(&t, "logtally_module_dropped_total");
+        let written = count(&t, "logtally_module_events_total");
+        assert!(dropped > 0, "the 32-slot queue must overflow:\n{t}");
+        eprintln!("nginx: {written} events written, {dropped} dropped");
+
+        // The sidecar's metric and /status say the same, from the spool's drop markers.
+        let deadline = Instant::now() + limit;
+        loop {
+            let m = http_get(sidecar.addr, "/metrics").unwrap().text();
+            let got = (
+                text_value(&m, "logtally_module_dropped_events_total"),
+                text_value(&m, "logtally_events_read_total"),
+            );
+            if got == (Some(dropped as f64), Some(written as f64)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sidecar saw {got:?}\n{}",
+                sidecar.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // /status is refreshed about every second: poll it too.
+        let deadline = Instant::now() + limit;
+        while sidecar.status()["module_dropped_events"] != dropped {
+            assert!(Instant::now() < deadline, "{:#}", sidecar.status());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // And Prometheus, scraping both, agrees; the shipped drop alert fires.
+        prom.wait_for("logtally_module_dropped_total", limit, |v| {
+            v == Some(dropped as f64)
+        });
+        prom.wait_for("logtally_module_dropped_events_total", limit, |v| {
+            v == Some(dropped as f64)
+        });
+        prom.wait_for(
+            "ALERTS{alertname=\"LogtallyModuleDroppingEvents\",alertstate=\"firing\"}",
+            limit,
+            |v| v == Some(1.0),
+        );
+        // What was not dropped is in the table, exactly once.
+        let deadline = Instant::now() + limit;
+        while sum_events(&url) != Some(written as i64) {
+            assert!(
+                Instant::now() < deadline,
+                "table has {:?}",
+                sum_events(&url)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
