@@ -839,3 +839,57 @@ fn levels_inherit_switch_off_and_leave_undeclared_fields_absent() {
         vec![vec![None, None, v("3")], vec![v("1"), v("2"), None]]
     );
 }
+
+#[test]
+fn a_full_queue_drops_counts_and_marks_the_spool() {
+    const TOTAL: u64 = 400;
+    let conf = r#"
+        logtally_spool @DIR@/spool flush=1s queue=8;
+        server {
+            listen 127.0.0.1:@PORT@;
+            logtally on;
+            logtally_field id $arg_id;
+            location / { return 204; }
+            location /status { logtally off; logtally_status; }
+        }
+    "#;
+    let mut n = TestNginx::start(conf, 2);
+    let mut client = HttpClient::new(n.addr());
+    // Far faster than one writer wake (1 s) can take 8 records per worker.
+    for id in 0..TOTAL {
+        assert_eq!(
+            client
+                .get(format!("/e?id={id}").as_bytes(), &[])
+                .unwrap()
+                .status,
+            204
+        );
+    }
+    n.wait_until(
+        Duration::from_secs(10),
+        "every event written or dropped",
+        || {
+            let text = status(n.addr());
+            status_value(&text, "logtally_module_events_total")
+                + status_value(&text, "logtally_module_dropped_total")
+                == TOTAL
+        },
+    );
+    let text = status(n.addr());
+    let dropped = status_value(&text, "logtally_module_dropped_total");
+    let written = status_value(&text, "logtally_module_events_total");
+    assert!(dropped > 0 && written >= 8, "{text}");
+    n.quit();
+
+    let segs = read_spool(&n.dir().join("spool"));
+    assert_clean(&segs);
+    let events: usize = segs.iter().map(|s| s.events.len()).sum();
+    let markers: u64 = segs.iter().map(|s| s.dropped).sum();
+    assert_eq!(events as u64, written);
+    assert_eq!(markers, dropped, "drop markers carry every dropped event");
+    let ids: HashSet<u64> = all_events(&segs)
+        .into_iter()
+        .map(|(s, e)| id_of(s, e))
+        .collect();
+    assert_eq!(ids.len(), events, "no id twice");
+}

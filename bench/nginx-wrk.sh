@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Throughput cost of logging in nginx: wrk on loopback against one nginx worker answering
+# `return 204`, four ways, alternated round by round so drift and noise hit all alike:
+#   none       no logging at all
+#   logtally   the logtally module, 5 fields
+#   combined   access_log in the combined format, unbuffered (nginx's default)
+#   json       access_log, JSON format, buffer=64k flush=1s
+# Prints per-round numbers, then medians, the ratio to "none", and the worker's CPU time per
+# request (from /proc: utime+stime of the worker process, its writer thread included).
+#
+# Usage: bench/nginx-wrk.sh            (needs the Route A module: scripts/nginx-build.sh module)
+# Env:   ROUNDS=5 DURATION=5 CONNECTIONS=32 THREADS=2 PORT=18090
+#        NGINX=/usr/sbin/nginx MODULE=target/release/libngx_http_logtally_module.so
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROUNDS="${ROUNDS:-5}"
+DURATION="${DURATION:-5}"
+CONNECTIONS="${CONNECTIONS:-32}"
+THREADS="${THREADS:-2}"
+PORT="${PORT:-18090}"
+NGINX="${NGINX:-/usr/sbin/nginx}"
+MODULE="${MODULE:-$root/target/release/libngx_http_logtally_module.so}"
+configs=(none logtally combined json)
+
+command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
+[[ -f "$MODULE" ]] || { echo "no module at $MODULE: run scripts/nginx-build.sh module" >&2; exit 1; }
+
+work="$(mktemp -d /tmp/logtally-bench.XXXXXX)"
+chmod 755 "$work"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -QUIT "$p" 2>/dev/null || true; done
+    sleep 0.5
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+http_block() {
+    local name=$1 dir=$2
+    case "$name" in
+        none) echo "access_log off;" ;;
+        logtally) cat <<CONF
+access_log off;
+logtally_spool $dir/spool;
+logtally on;
+logtally_field ad \$arg_ad;
+logtally_field ev \$arg_ev;
+logtally_field status \$status;
+logtally_field rt \$request_time;
+logtally_field ua \$http_user_agent;
+CONF
+        ;;
+        combined) echo "access_log $dir/access.log combined;" ;;
+        json) cat <<CONF
+log_format bench_json escape=json '{"ad":"\$arg_ad","ev":"\$arg_ev","status":"\$status","rt":"\$request_time","ua":"\$http_user_agent"}';
+access_log $dir/access.json bench_json buffer=64k flush=1s;
+CONF
+        ;;
+    esac
+}
+
+# One nginx (1 worker) per configuration, on consecutive ports; idle ones cost nothing.
+i=0
+declare -A port_of worker_of
+for name in "${configs[@]}"; do
+    dir="$work/$name"
+    mkdir -p "$dir/tmp"
+    port=$((PORT + i))
+    port_of[$name]=$port
+    cat >"$dir/nginx.conf" <<CONF
+load_module $MODULE;
+worker_processes 1;
+daemon off;
+error_log $dir/error.log notice;
+pid $dir/nginx.pid;
+events { worker_connections 4096; }
+http {
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    $(http_block "$name" "$dir")
+    server {
+        listen 127.0.0.1:$port;
+        keepalive_requests 1000000;
+        location / { return 204; }
+        location = /status { access_log off; logtally off; logtally_status; }
+    }
+}
+CONF
+    "$NGINX" -p "$dir" -c "$dir/nginx.conf" &
+    pids+=($!)
+    i=$((i + 1))
+done
+for name in "${configs[@]}"; do
+    for _ in $(seq 100); do
+        curl -fs -o /dev/null "http://127.0.0.1:${port_of[$name]}/" && break
+        sleep 0.05
+    done
+    master=$(cat "$work/$name/nginx.pid")
+    worker_of[$name]=$(pgrep -P "$master" | head -n1)
+done
+
+clk=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+url_path='/e?ad=7&ev=view&cmp=spring'
+declare -A rps_list cpu_list
+echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS threads=$THREADS nginx=$("$NGINX" -v 2>&1 | sed 's,.*/,,')"
+printf '%-6s %-10s %12s %14s\n' round config req/s "worker_us/req"
+for round in $(seq "$ROUNDS"); do
+    for name in "${configs[@]}"; do
+        w=${worker_of[$name]}
+        before=$(cpu_ticks "$w")
+        out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -H 'User-Agent: logtally-bench/1.0' \
+            "http://127.0.0.1:${port_of[$name]}$url_path")
+        after=$(cpu_ticks "$w")
+        rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+        reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+        us=$(awk -v d=$((after - before)) -v c="$clk" -v n="$reqs" 'BEGIN { printf "%.2f", d / c * 1e6 / n }')
+        rps_list[$name]+="$rps "
+        cpu_list[$name]+="$us "
+        printf '%-6s %-10s %12.0f %14s\n' "$round" "$name" "$rps" "$us"
+    done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+base=$(median <<<"${rps_list[none]}")
+echo
+printf '%-34s %12s %8s %14s\n' "configuration (medians)" "req/s" "ratio" "worker_us/req"
+for name in "${configs[@]}"; do
+    case "$name" in
+        none) label="no logging" ;;
+        logtally) label="logtally, 5 fields" ;;
+        combined) label="access_log combined, unbuffered" ;;
+        json) label="access_log json, buffer=64k" ;;
+    esac
+    m=$(median <<<"${rps_list[$name]}")
+    c=$(median <<<"${cpu_list[$name]}")
+    printf '%-34s %12.0f %8.3f %14s\n' "$label" "$m" "$(awk -v a="$m" -v b="$base" 'BEGIN {print a / b}')" "$c"
+done
+echo
+status=$(curl -fs "http://127.0.0.1:${port_of[logtally]}/status")
+echo "logtally: $(grep -E '^logtally_module_(events|dropped)_total' <<<"$status" | tr '\n' ' ')"
