@@ -830,22 +830,6 @@ async fn final_flush(engine: &mut Engine, reader: &ReaderHandle) {
     }
 }
 
-/// A future that completes on SIGTERM or SIGINT (for `main`).
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(error) => {
-            error!(%error, "cannot listen for SIGTERM");
-            return std::future::pending().await;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1058,7 +1058,7 @@ mod tests {
         assert_eq!(decimal_text(Decimal(0)), "0.000000000");
         assert_eq!(decimal_text(Decimal(1_500_000_000)), "1.500000000");
         assert_eq!(decimal_text(Decimal(-5)), "-0.000000005");
-        assert_eq!(decimal_text(Decimal(i128::MIN)).len() > 30, true);
+        assert!(decimal_text(Decimal(i128::MIN)).len() > 30);
     }
 
     #[test]
