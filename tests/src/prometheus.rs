@@ -199,41 +199,57 @@ impl TestPrometheus {
         let config_path = dir.path().join("prometheus.yml");
         std::fs::write(&config_path, &config).expect("write prometheus.yml");
 
-        let port = free_port();
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log file");
-        let child = Command::new(prometheus_bin())
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", prometheus_bin().display()));
-        let mut prom = TestPrometheus { child, addr, dir };
-        prom.wait_ready(Duration::from_secs(30));
-        prom
+        // A free port may be taken between our probe and the server's bind: try a few.
+        let mut dir = dir;
+        for _attempt in 0..5 {
+            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log file");
+            let child = Command::new(prometheus_bin())
+                .arg(format!("--config.file={}", config_path.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .arg("--log.level=warn")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("dup log"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {}: {e}", prometheus_bin().display()));
+            let mut prom = TestPrometheus { child, addr, dir };
+            match prom.wait_ready(Duration::from_secs(30)) {
+                Ok(()) => return prom,
+                Err(why) if why.contains("address already in use") => {
+                    let _ = prom.child.kill();
+                    let _ = prom.child.wait();
+                    // Take the folder back for the next attempt; the killed child is reaped.
+                    dir = std::mem::replace(&mut prom.dir, tempfile::tempdir().expect("temp dir"));
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+        panic!("prometheus: no free port after 5 attempts");
     }
 
-    fn wait_ready(&mut self, limit: Duration) {
+    fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("prometheus exited ({status}) before ready:\n{}", self.log());
+                return Err(format!(
+                    "prometheus exited ({status}) before ready:\n{}",
+                    self.log()
+                ));
             }
             if matches!(http_get(self.addr, "/-/ready"), Ok(r) if r.status == 200) {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus not ready in {limit:?}:\n{}",
-                self.log()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "prometheus not ready in {limit:?}:\n{}",
+                    self.log()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
