@@ -98,7 +98,8 @@ struct StatusBody<'a> {
     status: &'a Status,
 }
 
-/// Routes one request. Pure apart from reading the shared state: `now_ms` is passed in.
+/// Routes one request. No clock of its own (`now_ms` is passed in); its only write is the
+/// `logtally_ready` gauge, refreshed at each scrape because readiness depends on the time.
 fn handle(state: &AdminState, method: &Method, path: &str, now_ms: u64) -> Response<Full<Bytes>> {
     let known = matches!(path, "/metrics" | "/status" | "/healthz" | "/readyz");
     if !known {
