@@ -1,1 +1,209 @@
-fn main() {}
+//! Decode + aggregate rate on one core, beside a memchr newline count over the same bytes
+//! (the least work any line-based log reader does).
+//!
+//! Builds an in-memory spool of 10 M typical ad events (time + ad, ev, cmp, bytes, rt and two
+//! more fields, about 100 bytes a frame), then times: decoding every frame with the spool
+//! crate and adding it to an [`Aggregator`] with the rule of the design sketch
+//! (`group_by = ["ad", "ev", "cmp"]`, count, sum(bytes), max(rt), 1 m buckets), plus a drain.
+//!
+//! Run: `cargo bench -p logtally --bench aggregate` (`LOGTALLY_BENCH_EVENTS=1000000` for a
+//! quicker run).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use logtally::aggregate::Aggregator;
+use logtally::config::{Metric, MetricKind, Rule};
+use logtally_spool::{decode_frame, encode_event, Decoded, Frame};
+
+const ROUNDS: usize = 5;
+
+fn fields() -> Vec<String> {
+    ["ad", "ev", "cmp", "bytes", "rt", "status", "host"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn rule() -> Rule {
+    let m = |c: &str, kind| Metric {
+        column: c.into(),
+        kind,
+    };
+    Rule {
+        table: "ad_events_1m".into(),
+        bucket: Duration::from_secs(60),
+        group_by: vec!["ad".into(), "ev".into(), "cmp".into()],
+        metrics: vec![
+            m("events", MetricKind::Count),
+            m("bytes", MetricKind::Sum("bytes".into())),
+            m("rt_max", MetricKind::Max("rt".into())),
+        ],
+    }
+}
+
+/// A cheap deterministic generator (xorshift), so the data has no pattern a branch
+/// predictor could learn from event order.
+fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+fn build(events: usize) -> Vec<u8> {
+    let ads: Vec<String> = (0..2000).map(|i| format!("ad-{i:06}")).collect();
+    let cmps: Vec<String> = (0..200).map(|i| format!("campaign-{i:04}")).collect();
+    let sizes: Vec<String> = (0..1000).map(|i| (200 + i * 37).to_string()).collect();
+    let rts: Vec<String> = (0..500).map(|i| format!("0.{i:03}")).collect();
+    let evs = [&b"impression"[..], b"view", b"click"];
+    let mut out = Vec::with_capacity(events * 100);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..events {
+        let r = next(&mut x);
+        let ad = (r % 2000) as usize;
+        encode_event(
+            &mut out,
+            // Ten minutes of traffic: ten buckets.
+            1_764_300_000_000 + (i as u64 * 600_000 / events as u64),
+            [
+                Some(ads[ad].as_bytes()),
+                Some(evs[((r >> 16) % 3) as usize]),
+                Some(cmps[ad % 200].as_bytes()),
+                Some(sizes[((r >> 24) % 1000) as usize].as_bytes()),
+                Some(rts[((r >> 40) % 500) as usize].as_bytes()),
+                Some(&b"200"[..]),
+                Some(&b"edge-17.example.net"[..]),
+            ],
+        );
+    }
+    out
+}
+
+/// Decodes every frame and aggregates it; returns (events, rows drained).
+fn decode_and_aggregate(spool: &[u8], agg: &mut Aggregator, header: &[String]) -> (u64, usize) {
+    let layout = agg.layout(header);
+    let mut at = 0;
+    let mut events = 0u64;
+    while at < spool.len() {
+        match decode_frame(&spool[at..]) {
+            Decoded::Frame { frame, len } => {
+                if let Frame::Event(r) = frame {
+                    agg.add(&layout, &r);
+                    events += 1;
+                }
+                at += len;
+            }
+            other => panic!("bench spool is valid: {other:?}"),
+        }
+    }
+    let rows = agg.drain().iter().map(|r| r.rows.len()).sum();
+    (events, rows)
+}
+
+/// This thread's CPU time (user + system) in seconds, from `/proc/thread-self/stat` (10 ms
+/// resolution). On a shared machine wall time also counts waiting for a core; CPU time does not.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    let events: usize = std::env::var("LOGTALLY_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000_000);
+    let t = Instant::now();
+    let spool = build(events);
+    let bytes = spool.len();
+    println!(
+        "spool: {events} events, {bytes} bytes ({:.1} bytes/event), built in {:.1}s",
+        bytes as f64 / events as f64,
+        t.elapsed().as_secs_f64()
+    );
+
+    let rules = vec![rule()];
+    let header = fields();
+    let mut agg = Aggregator::new(&rules);
+    let mut rows = 0;
+    let mut cpu = Vec::new();
+    let agg_s = median(
+        (0..ROUNDS)
+            .map(|_| {
+                let c = cpu_seconds();
+                let t = Instant::now();
+                let (n, r) = decode_and_aggregate(black_box(&spool), &mut agg, &header);
+                let s = t.elapsed().as_secs_f64();
+                cpu.push(cpu_seconds() - c);
+                assert_eq!(n as usize, events);
+                rows = r;
+                s
+            })
+            .collect(),
+    );
+    let agg_cpu = median(cpu);
+
+    let decode_s = median(
+        (0..ROUNDS)
+            .map(|_| {
+                let t = Instant::now();
+                let mut at = 0;
+                let mut n = 0u64;
+                let spool = black_box(&spool[..]);
+                while let Decoded::Frame { frame, len } = decode_frame(&spool[at..]) {
+                    if let Frame::Event(r) = frame {
+                        n += r.values().filter(|v| v.is_some()).count() as u64;
+                    }
+                    at += len;
+                }
+                black_box(n);
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+
+    let nl_s = median(
+        (0..ROUNDS)
+            .map(|_| {
+                let t = Instant::now();
+                let n = memchr::memchr_iter(b'\n', black_box(&spool)).count();
+                black_box(n);
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+
+    let mb = bytes as f64 / 1e6;
+    println!(
+        "decode+aggregate: {:.2} M events/s, {:.0} MB/s, {:.1} ns/event ({rows} rows, median of {ROUNDS})",
+        events as f64 / agg_s / 1e6,
+        mb / agg_s,
+        agg_s * 1e9 / events as f64,
+    );
+    println!(
+        "decode+aggregate per CPU second (excludes waiting for a core): {:.2} M events/s, {:.0} MB/s",
+        events as f64 / agg_cpu / 1e6,
+        mb / agg_cpu,
+    );
+    println!(
+        "decode only (frames checked, values walked): {:.2} M events/s, {:.0} MB/s",
+        events as f64 / decode_s / 1e6,
+        mb / decode_s,
+    );
+    println!(
+        "memchr newline count over the same bytes: {:.0} MB/s ({:.2} M \"lines\" of {:.0} bytes/s)",
+        mb / nl_s,
+        events as f64 / nl_s / 1e6,
+        bytes as f64 / events as f64
+    );
+    println!("ratio memchr / decode+aggregate time: {:.1}x", agg_s / nl_s);
+}

@@ -190,21 +190,29 @@ impl Acc {
     }
 }
 
-/// Where a key's bytes sit in the arena.
+/// Where a key's bytes sit in the arena, and the index of its accumulators. Held in the
+/// hash table itself so a lookup touches the table and the arena only.
 #[derive(Debug, Clone, Copy)]
 struct KeyRef {
-    hash: u64,
     off: u32,
     len: u32,
+    idx: u32,
 }
 
 /// One rule's pending aggregates.
 #[derive(Debug)]
 struct RuleState {
     bucket_ms: i64,
+    /// The bucket of the previous event (start, end, index in `tables`): consecutive events
+    /// nearly always share it, and this saves a division and a search.
+    last_bucket: (i64, i64, usize),
     accs_kind: Vec<Acc>,
-    /// Indices into `keys`.
-    table: HashTable<u32>,
+    /// One hash table per bucket: events arrive in time order, so the current bucket's
+    /// small table stays in cache while older buckets' keys sit idle.
+    tables: Vec<(i64, HashTable<KeyRef>)>,
+    /// Bucket start → index in `tables` (events far out of order must not cost a scan).
+    table_index: hashbrown::HashMap<i64, usize>,
+    /// Keys in insertion order (for draining).
     keys: Vec<KeyRef>,
     /// Encoded keys, back to back: bucket (8 bytes LE) then per dim a u16 LE length and bytes.
     arena: Vec<u8>,
@@ -244,9 +252,11 @@ impl Aggregator {
                     .collect();
                 RuleState {
                     bucket_ms: r.bucket_ms().max(1),
+                    last_bucket: (i64::MAX, i64::MAX, 0),
                     bad: vec![0; accs_kind.len()],
                     accs_kind,
-                    table: HashTable::new(),
+                    tables: Vec::new(),
+                    table_index: hashbrown::HashMap::new(),
                     keys: Vec::new(),
                     arena: Vec::new(),
                     accs: Vec::new(),
@@ -387,7 +397,9 @@ impl Aggregator {
                         .cmp(&b.bucket_ms)
                         .then_with(|| a.dims.cmp(&b.dims))
                 });
-                st.table.clear();
+                st.tables.clear();
+                st.table_index.clear();
+                st.last_bucket = (i64::MAX, i64::MAX, 0);
                 st.keys.clear();
                 st.arena.clear();
                 st.accs.clear();
@@ -450,8 +462,12 @@ fn add_n<const N: usize>(
     record: &Record<'_>,
 ) {
     let mut vals: [Option<&[u8]>; N] = [None; N];
-    for (slot, v) in vals.iter_mut().zip(record.values()).take(layout.needed) {
-        *slot = v;
+    let mut values = record.values();
+    for slot in vals.iter_mut().take(layout.needed) {
+        match values.next() {
+            Some(v) => *slot = v,
+            None => break,
+        }
     }
     let get = |i: u8| {
         if i == MISSING {
@@ -463,7 +479,19 @@ fn add_n<const N: usize>(
     let time = i64::try_from(record.time_ms).unwrap_or(i64::MAX);
 
     for (st, rl) in rules.iter_mut().zip(&layout.rules) {
-        let bucket = time - time.rem_euclid(st.bucket_ms);
+        let (bucket, t) = if time >= st.last_bucket.0 && time < st.last_bucket.1 {
+            (st.last_bucket.0, st.last_bucket.2)
+        } else {
+            let b = time - time.rem_euclid(st.bucket_ms);
+            let tables = &mut st.tables;
+            let t = *st.table_index.entry(b).or_insert_with(|| {
+                tables.push((b, HashTable::new()));
+                tables.len() - 1
+            });
+            st.last_bucket = (b, b.saturating_add(st.bucket_ms), t);
+            (b, t)
+        };
+        let table = &mut st.tables[t].1;
         key.clear();
         key.extend_from_slice(&bucket.to_le_bytes());
         for &d in &rl.dims {
@@ -472,26 +500,27 @@ fn add_n<const N: usize>(
         let hash = hasher.hash_one(&key[..]);
         let n = st.accs_kind.len();
         let arena = &st.arena;
-        let keys = &st.keys;
-        let found = st.table.find(hash, |&i| {
-            let k = keys[i as usize];
-            k.hash == hash && arena[k.off as usize..(k.off + k.len) as usize] == key[..]
+        let found = table.find(hash, |k| {
+            k.len as usize == key.len()
+                && arena[k.off as usize..(k.off + k.len) as usize] == key[..]
         });
         let idx = match found {
-            Some(&i) => i as usize,
+            Some(k) => k.idx as usize,
             None => {
-                let i = st.keys.len();
-                st.keys.push(KeyRef {
-                    hash,
+                let k = KeyRef {
                     off: st.arena.len() as u32,
                     len: key.len() as u32,
-                });
+                    idx: st.keys.len() as u32,
+                };
+                st.keys.push(k);
                 st.arena.extend_from_slice(key);
                 st.accs.extend(st.accs_kind.iter().map(|a| a.initial()));
-                let keys = &st.keys;
-                st.table
-                    .insert_unique(hash, i as u32, |&j| keys[j as usize].hash);
-                i
+                let arena = &st.arena;
+                // Rehashing (when the table grows) recomputes hashes from the arena.
+                table.insert_unique(hash, k, |k| {
+                    hasher.hash_one(&arena[k.off as usize..(k.off + k.len) as usize])
+                });
+                k.idx as usize
             }
         };
         let accs = &mut st.accs[idx * n..(idx + 1) * n];
