@@ -507,7 +507,28 @@ fn a_killed_worker_leaves_every_other_record_intact() {
     let mut n = TestNginx::start(PID_CONF, 2);
     let load = Load::start(&n, 4);
     load.wait_for_more(&n, 1000);
-    let victim = n.worker_pids()[0];
+    // The worker that served the most so far (the kernel may favour one), once it has
+    // written a segment.
+    let victim = {
+        let answered = load.answered.lock().unwrap();
+        let mut served: HashMap<i32, usize> = HashMap::new();
+        for pid in answered.values() {
+            *served.entry(*pid).or_default() += 1;
+        }
+        served
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(pid, _)| pid)
+            .unwrap()
+    };
+    assert!(n.worker_pids().contains(&victim));
+    let marker = format!("-{victim}-");
+    n.wait_until(Duration::from_secs(10), "the victim's segment", || {
+        std::fs::read_dir(n.dir().join("spool"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains(&marker))
+    });
     // SAFETY: kill(2) on a worker of our own nginx.
     assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
     n.wait_until(Duration::from_secs(20), "a replacement worker", || {
