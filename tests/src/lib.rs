@@ -2,3 +2,4 @@
 pub mod nginx;
 pub mod postgres;
 pub mod prometheus;
+pub mod sidecar;

@@ -1,0 +1,166 @@
+//! The real `logtally` binary as a test process, and a blocking PostgreSQL facade for the
+//! tests' own queries.
+//!
+//! The binary is `$LOGTALLY_BIN`, else the newest of `target/{release,debug}/logtally`
+//! (`scripts/test.sh` builds it first).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::postgres::TestPostgres;
+use crate::prometheus::http_get;
+
+/// Where the `logtally` binary is.
+pub fn logtally_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LOGTALLY_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    ["release", "debug"]
+        .iter()
+        .map(|p| target.join(p).join("logtally"))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| {
+            panic!(
+                "no logtally binary under {}: run `cargo build --release -p logtally` or set LOGTALLY_BIN",
+                target.display()
+            )
+        })
+}
+
+/// A free TCP address on loopback (for the sidecar's `listen`).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A running `logtally run -c <config>`; its stdout and stderr are appended to `log`.
+#[derive(Debug)]
+pub struct TestSidecar {
+    child: Child,
+    config: PathBuf,
+    log: PathBuf,
+    listen: SocketAddr,
+}
+
+impl TestSidecar {
+    /// Starts the sidecar. `listen` must be the config's `listen` address.
+    pub fn start(config: &Path, log: &Path, listen: SocketAddr) -> TestSidecar {
+        let child = Self::spawn(config, log);
+        TestSidecar {
+            child,
+            config: config.to_path_buf(),
+            log: log.to_path_buf(),
+            listen,
+        }
+    }
+
+    fn spawn(config: &Path, log: &Path) -> Child {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        Command::new(logtally_bin())
+            .args(["run", "-c"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start logtally")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`, then start it again on the same configuration.
+    pub fn kill9_and_restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Self::spawn(&self.config, &self.log);
+    }
+
+    /// SIGTERM, then wait (at most 30 s) for the exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "logtally did not exit within 30 s of SIGTERM:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A sample's value from `/metrics` (the first series of that name).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let body = http_get(self.listen, "/metrics").ok()?.text();
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for TestSidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking facade over tokio-postgres for one test database.
+#[derive(Debug)]
+pub struct Db {
+    rt: tokio::runtime::Runtime,
+    url: String,
+}
+
+impl Db {
+    /// Creates a fresh database in `pg`.
+    pub fn create(pg: &TestPostgres) -> Db {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = rt.block_on(pg.create_database());
+        Db { rt, url }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Runs a query on a new connection.
+    pub fn query(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        self.rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
+            let task = tokio::spawn(conn);
+            let rows = client.query(sql, &[]).await;
+            drop(client);
+            let _ = task.await;
+            rows
+        })
+    }
+}
