@@ -332,6 +332,11 @@ impl TestNginx {
         self.stop_with(libc::SIGQUIT, Duration::from_secs(20));
     }
 
+    /// Fast stop (SIGTERM) and wait for the master; the prefix stays until drop.
+    pub fn stop(&mut self) {
+        self.stop_with(libc::SIGTERM, Duration::from_secs(20));
+    }
+
     fn stop_with(&mut self, sig: i32, limit: Duration) {
         let Some(mut child) = self.child.take() else {
             return;

@@ -702,7 +702,7 @@ fn a_spool_that_cannot_take_writes_never_hurts_nginx() {
     // A 1 MiB tmpfs fills after ~1000 of these records; without mount rights, a spool
     // folder the workers may not write into does the same from the first record.
     let mut mount = None;
-    let n = TestNginx::start_with(PAD_CONF, 2, |dir| {
+    let mut n = TestNginx::start_with(PAD_CONF, 2, |dir| {
         mount = TmpfsMount::at(&dir.join("spool"), "size=1m");
     });
     let full_disk = mount.is_some();
@@ -761,8 +761,10 @@ fn a_spool_that_cannot_take_writes_never_hurts_nginx() {
     for s in &segs {
         assert_eq!(s.corrupt_bytes, 0);
     }
-    drop(n);
+    // nginx first, then the mount, then the prefix folder it sits in.
+    n.stop();
     drop(mount);
+    drop(n);
 }
 
 #[test]
