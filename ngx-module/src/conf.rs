@@ -4,7 +4,6 @@
 //! directive, file and line) only at the FFI edge, in [`conf_error`].
 
 use std::ffi::{c_char, c_void};
-use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::ptr;
@@ -136,7 +135,6 @@ pub enum ConfError {
 
 /// The `file:line` nginx is reading.
 ///
-///
 /// # Safety
 /// `cf` must be nginx's live configuration context.
 unsafe fn position(cf: *mut ngx_conf_t) -> String {
@@ -155,7 +153,6 @@ unsafe fn position(cf: *mut ngx_conf_t) -> String {
 
 /// Logs a directive's error the nginx way (at emerg, naming the directive, file and line)
 /// and returns `NGX_CONF_ERROR`.
-///
 ///
 /// # Safety
 /// `cf` and `cmd` must be the arguments nginx passed to the directive handler.
@@ -183,7 +180,6 @@ unsafe fn conf_error(
 }
 
 /// The directive's arguments, the directive name first.
-///
 ///
 /// # Safety
 /// `cf` must be the context nginx passed to a directive handler.
@@ -395,7 +391,6 @@ pub unsafe extern "C" fn flag_post(
 /// Whether nginx knows a variable by now (all modules, `set`, `map`, regex captures have
 /// declared theirs when postconfiguration runs).
 ///
-///
 /// # Safety
 /// `cmcf` must be the core main conf during postconfiguration (variables_keys still alive).
 unsafe fn variable_known(cmcf: &ngx_http_core_main_conf_t, name: &str) -> bool {
@@ -421,30 +416,18 @@ unsafe fn variable_known(cmcf: &ngx_http_core_main_conf_t, name: &str) -> bool {
     }
 }
 
-/// A whole-configuration problem, reported at postconfiguration.
-#[derive(Debug)]
+/// A whole-configuration problem, reported at postconfiguration (nginx prints it as is,
+/// so the message names the directive, file and line itself).
+#[derive(Debug, thiserror::Error)]
 pub enum CheckError {
+    #[error("unknown variable \"${name}\" in \"logtally_field\" directive in {at}")]
     UnknownVariable { name: String, at: String },
+    #[error("\"logtally on\" needs \"logtally_spool\" in the http block, in \"logtally\" directive in {at}")]
     NoSpool { at: String },
-}
-
-impl fmt::Display for CheckError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CheckError::UnknownVariable { name, at } => {
-                write!(f, "unknown variable \"${name}\" in \"logtally_field\" directive in {at}")
-            }
-            CheckError::NoSpool { at } => write!(
-                f,
-                "\"logtally on\" needs \"logtally_spool\" in the http block, in \"logtally\" directive in {at}"
-            ),
-        }
-    }
 }
 
 /// The checks that need the whole configuration: `logtally on` without `logtally_spool`,
 /// and variables nobody declares (nginx's own message would not name our directive).
-///
 ///
 /// # Safety
 /// Must run in postconfiguration with nginx's configuration context.

@@ -18,7 +18,6 @@ use crate::{worker, Module};
 /// Reads one field's value. `None` is "absent": the variable was not found, or evaluation
 /// failed.
 ///
-///
 /// # Safety
 /// `r` must be a live request; the returned bytes live in its pool.
 unsafe fn value<'r>(r: *mut ngx_http_request_t, field: &Field) -> Option<&'r [u8]> {

@@ -1,7 +1,7 @@
 //! Per-worker state: the request side of the channel (the "feeder") and the writer thread,
 //! started in `init_process` and stopped in `exit_process`.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -31,6 +31,10 @@ pub struct Feeder {
 static FEEDER: Mutex<Option<Feeder>> = Mutex::new(None);
 static WRITER: Mutex<Option<WriterHandle>> = Mutex::new(None);
 
+/// Set when `exit_process` gives up on a stuck writer: nginx is about to free the cycle
+/// (and its log), so the thread left behind must not log any more.
+static LOG_CLOSED: AtomicBool = AtomicBool::new(false);
+
 /// nginx's cycle log, handed to the writer thread for its rare messages.
 struct CycleLog(*mut ngx_log_t);
 
@@ -40,6 +44,9 @@ unsafe impl Send for CycleLog {}
 
 impl CycleLog {
     fn write(&self, level: Level, msg: &str) {
+        if LOG_CLOSED.load(Ordering::Acquire) {
+            return;
+        }
         let level = match level {
             Level::Error => NGX_LOG_ERR,
             Level::Notice => NGX_LOG_NOTICE,
@@ -149,6 +156,7 @@ pub unsafe fn stop(cycle: *mut ngx_cycle_t) {
     let handle = WRITER.lock().ok().and_then(|mut w| w.take());
     if let Some(h) = handle {
         if !h.stop(STOP_LIMIT) {
+            LOG_CLOSED.store(true, Ordering::Release);
             // SAFETY: cycle is live during exit_process.
             let log = unsafe { (*cycle).log };
             ngx::ngx_log_error!(
