@@ -45,12 +45,13 @@ pub enum OptionError {
     Unknown(String),
     #[error("option \"{0}\" given twice")]
     Duplicate(&'static str),
-    #[error("invalid size \"{value}\" for {key} (a number with an optional k, m or g suffix, {min} to {max} bytes)")]
+    #[error(
+        "invalid size \"{value}\" for {key} (a number with an optional k, m or g suffix, {range})"
+    )]
     Size {
         key: &'static str,
         value: String,
-        min: u64,
-        max: u64,
+        range: &'static str,
     },
     #[error("invalid time \"{value}\" for {key} (e.g. 100ms, 1s, 2m; {range})")]
     Time {
@@ -156,8 +157,7 @@ where
                     .ok_or_else(|| OptionError::Size {
                         key: name,
                         value: lossy(value),
-                        min: MIN_SEGMENT_SIZE,
-                        max: MAX_SEGMENT_SIZE,
+                        range: "4k to 1024g",
                     })?;
             }
             1 => {
