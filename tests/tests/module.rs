@@ -87,7 +87,7 @@ impl Sent {
 }
 
 const FIELDS_CONF: &str = r#"
-    logtally_spool @DIR@/spool flush=20ms;
+    logtally_spool @DIR@/spool flush=20ms segment_size=64k;
     log_format lt '$arg_id\t$arg_ad\t$arg_ev\t$status\t$http_x_tag\t$msec';
     server {
         listen 127.0.0.1:@PORT@;
@@ -168,6 +168,16 @@ fn twenty_thousand_requests_match_what_was_sent_and_the_access_log() {
     assert_eq!(events.len() as u64, TOTAL);
     let writers: HashSet<u32> = segs.iter().map(|s| s.writer_pid).collect();
     assert_eq!(writers.len(), 2, "both workers wrote");
+    // ~1 MB of records in 64 KiB segments: each worker rolled several times.
+    assert!(segs.len() >= 8, "only {} segments", segs.len());
+    for s in &segs {
+        // Rolled after the batch that reached 64 KiB; a 20 ms batch is far smaller.
+        assert!(
+            s.file_len < 128 * 1024,
+            "{} far past segment_size",
+            s.path.display()
+        );
+    }
 
     let mut by_id = HashMap::new();
     for (seg, e) in &events {
