@@ -579,8 +579,8 @@ fn push_dim(key: &mut Vec<u8>, text: &mut String, raw: &[u8]) {
 /// entry per rule index seen, sorted by rule, rows sorted by `(bucket_ms, dims)`.
 pub fn merge_rows(rules: &[Rule], parts: impl IntoIterator<Item = RuleRows>) -> Vec<RuleRows> {
     use std::collections::btree_map::{BTreeMap, Entry};
-    let mut by_rule: BTreeMap<usize, BTreeMap<(i64, Vec<String>), Vec<MetricValue>>> =
-        BTreeMap::new();
+    type Rows = BTreeMap<(i64, Vec<String>), Vec<MetricValue>>;
+    let mut by_rule: BTreeMap<usize, Rows> = BTreeMap::new();
     for part in parts {
         let kinds = &rules[part.rule].metrics;
         let rows = by_rule.entry(part.rule).or_default();

@@ -383,6 +383,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, Problem> {
 
 const DAY: Duration = Duration::from_secs(86_400);
 
+#[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` is newer than the workspace MSRV
 /// Formats a duration the way the file writes it: the largest unit that divides it
 /// (`"5s"`, `"100ms"`, `"1d"`), so `parse_duration(&format_duration(d)) == Ok(d)` for
 /// whole milliseconds.
@@ -405,6 +406,7 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 /// A bucket: a duration of whole seconds dividing a day, or of whole days.
+#[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` is newer than the workspace MSRV
 pub fn parse_bucket(text: &str) -> Result<Duration, Problem> {
     let d = parse_duration(text)?;
     let bad = || Problem::BadBucket(text.to_string());
