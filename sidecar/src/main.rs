@@ -13,9 +13,12 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
