@@ -69,7 +69,10 @@ case "${1:-prepare}" in
     vendored)
         cd "$root"
         # A separate target dir: the vendored nginx-sys bindings must not replace Route A's.
-        CARGO_TARGET_DIR="$root/target/vendored" cargo build --release -p logtally-ngx --features vendored
+        # Without NGINX_*_DIR: when set (e.g. after `eval "$(... prepare)"`), nginx-sys
+        # would take Route A's tree even with the vendored feature.
+        env -u NGINX_SOURCE_DIR -u NGINX_BUILD_DIR CARGO_TARGET_DIR="$root/target/vendored" \
+            cargo build --release -p logtally-ngx --features vendored
         out="$(ls -td "$root"/target/vendored/release/build/nginx-sys-*/out/objs/nginx 2>/dev/null | head -n1)"
         [[ -x "$out" ]] || { echo "vendored nginx binary not found under target/vendored" >&2; exit 1; }
         dest="$build/nginx-1.28"

@@ -114,6 +114,9 @@ fn new_prefix() -> tempfile::TempDir {
     // Workers run as `nobody`: they must be able to reach the spool folder inside.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+    // nginx opens its compiled-in error log (logs/error.log under the prefix for 1.28)
+    // before it reads the configuration.
+    std::fs::create_dir_all(dir.path().join("logs")).unwrap();
     dir
 }
 
