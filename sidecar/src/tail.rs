@@ -33,6 +33,11 @@
 //!   by the same pid exists (one writer keeps one open segment, so after pid reuse or a failed
 //!   seal the older one is dead) — and it has not grown for `dead_writer_grace`.
 //!
+//! - segments are read oldest name first; a poll's budget may run out in an early segment,
+//!   and later ones wait for the next poll (a backlog drains in creation order);
+//! - a pid reused by an unrelated process keeps an abandoned segment waiting until a newer
+//!   segment of that pid appears or the process ends (the cost is delay, never loss).
+//!
 //! Reads use positioned reads (`pread`) into one reusable buffer (1 MiB by default, at least
 //! twice the largest frame); files are never held in memory whole. Only segments being read
 //! have an open file.
