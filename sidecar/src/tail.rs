@@ -1116,6 +1116,47 @@ mod tests {
     }
 
     #[test]
+    fn frames_and_corruption_across_buffer_refills() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let a = segment_file_name(1, me, 1);
+        let big = vec![b'v'; 4000];
+        let frame = |n: u64| {
+            let mut out = Vec::new();
+            encode_event(&mut out, n, [Some(&b"7"[..]), Some(&big[..])]);
+            out
+        };
+        // The buffer is raised to twice the largest frame; put garbage across its end.
+        let buffer = 2 * (FRAME_HEADER_LEN + MAX_PAYLOAD_LEN);
+        let mut file = header(me);
+        let mut n = 0;
+        while file.len() + frame(0).len() < buffer - 50 {
+            file.extend(frame(n));
+            n += 1;
+        }
+        file.extend(vec![0xab; 100]);
+        let before = n;
+        while file.len() < 3 * buffer {
+            file.extend(frame(n));
+            n += 1;
+        }
+        append(&dir.path().join(&a), &file);
+        let mut t = Tailer::new(dir.path(), HashMap::new(), opts(Duration::ZERO));
+        let mut times = Vec::new();
+        t.poll_at(Instant::now(), u64::MAX, &mut |ev| {
+            if let SegmentEvent::Record { record, .. } = ev {
+                times.push(record.time_ms);
+            }
+        })
+        .unwrap();
+        assert!(before > 100 && n > before + 300, "{before} {n}");
+        assert_eq!(times, (0..n).collect::<Vec<_>>());
+        let s = t.stats();
+        assert_eq!((s.corrupt_bytes, s.corrupt_occurrences), (100, 1));
+        assert_eq!(t.positions()[0].1.offset, file.len() as u64);
+    }
+
+    #[test]
     fn finished_at_start_is_not_read() {
         let dir = tempfile::tempdir().unwrap();
         let me = std::process::id();
