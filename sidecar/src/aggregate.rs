@@ -15,7 +15,8 @@
 //! - a numeric metric's field is parsed as a [`Decimal`]. Absent, undeclared or empty values
 //!   are "no value" (not counted anywhere); any other unparsable value, such as nginx's `-` for
 //!   a missing upstream time, is a *bad value*: counted per metric ([`Aggregator::bad_values`]),
-//!   never an error. `sum` adds valid values (0 when there are none), `min`/`max` are `None`
+//!   never an error (a sum that would overflow `i128` counts its value as bad too, though
+//!   values below 10¹⁸ make that need ~10¹¹ events in one row). `sum` adds valid values (0 when there are none), `min`/`max` are `None`
 //!   when no event of the row had a valid value;
 //! - [`Aggregator::drain`] returns rows sorted by `(bucket, dims)`: deterministic output, and
 //!   concurrent sidecars upserting the same keys lock rows in the same order.
