@@ -38,7 +38,6 @@ if [ "${LOGTALLY_SKIP_VENDORED:-0}" != 1 ]; then
 fi
 
 export LOGTALLY_BIN="$root/target/release/logtally"
-export LOGTALLY_MODULE="$root/target/release/libngx_http_logtally_module.so"
 
 step "cargo test (release)"
 args=()
