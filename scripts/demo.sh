@@ -133,7 +133,7 @@ say "ad_events_1m, top 15 rows"
 psql_ -c "select bucket, ad, ev, cmp, events, bytes, rt_max from ad_events_1m order by events desc, ad limit 15"
 psql_ -c "select count(*) as rows, sum(events) as events from ad_events_1m"
 say "key metrics"
-curl -s "http://$ADMIN/metrics" | grep -E '^logtally_(events_read_total|flushes_total|rows_upserted_total|lag_bytes|pending_keys|module_dropped_events_total) ' || true
+curl -s "http://$ADMIN/metrics" | grep -E '^logtally_(events_read_total|flushes_total|rows_upserted_total|lag_bytes|lag_seconds|pending_keys|module_dropped_events_total)(\{[^}]*\})? ' || true
 cat <<MSG
 
 Stop everything:   scripts/demo.sh stop
