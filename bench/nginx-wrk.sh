@@ -9,7 +9,9 @@
 # request (from /proc: utime+stime of the worker process, its writer thread included).
 #
 # Usage: bench/nginx-wrk.sh            (needs the Route A module: scripts/nginx-build.sh module)
-# Env:   ROUNDS=5 DURATION=5 CONNECTIONS=32 THREADS=2 PORT=18090
+# With 2+ CPUs the worker is pinned to CPU 1 and wrk to CPU 0 (PIN=0 turns that off), so the
+# worker, not wrk, is what saturates.
+# Env:   ROUNDS=5 DURATION=5 CONNECTIONS=32 THREADS=1 PORT=18090 PIN=1
 #        NGINX=/usr/sbin/nginx MODULE=target/release/libngx_http_logtally_module.so
 set -euo pipefail
 
@@ -17,7 +19,15 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ROUNDS="${ROUNDS:-5}"
 DURATION="${DURATION:-5}"
 CONNECTIONS="${CONNECTIONS:-32}"
-THREADS="${THREADS:-2}"
+THREADS="${THREADS:-1}"
+PIN="${PIN:-1}"
+[[ $(nproc) -ge 2 ]] || PIN=0
+affinity=""
+wrk_cmd=(wrk)
+if [[ "$PIN" == 1 ]]; then
+    affinity="worker_cpu_affinity 10;"
+    wrk_cmd=(taskset -c 0 wrk)
+fi
 PORT="${PORT:-18090}"
 NGINX="${NGINX:-/usr/sbin/nginx}"
 MODULE="${MODULE:-$root/target/release/libngx_http_logtally_module.so}"
@@ -71,6 +81,7 @@ for name in "${configs[@]}"; do
     cat >"$dir/nginx.conf" <<CONF
 load_module $MODULE;
 worker_processes 1;
+$affinity
 daemon off;
 error_log $dir/error.log notice;
 pid $dir/nginx.pid;
@@ -108,13 +119,13 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 url_path='/e?ad=7&ev=view&cmp=spring'
 declare -A rps_list cpu_list
-echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS threads=$THREADS nginx=$("$NGINX" -v 2>&1 | sed 's,.*/,,')"
+echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS wrk_threads=$THREADS pinned=$PIN nginx=$("$NGINX" -v 2>&1 | sed 's,.*/,,')"
 printf '%-6s %-10s %12s %14s\n' round config req/s "worker_us/req"
 for round in $(seq "$ROUNDS"); do
     for name in "${configs[@]}"; do
         w=${worker_of[$name]}
         before=$(cpu_ticks "$w")
-        out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -H 'User-Agent: logtally-bench/1.0' \
+        out=$("${wrk_cmd[@]}" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -H 'User-Agent: logtally-bench/1.0' \
             "http://127.0.0.1:${port_of[$name]}$url_path")
         after=$(cpu_ticks "$w")
         rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
