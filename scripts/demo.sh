@@ -32,7 +32,7 @@ if [ "${1:-}" = "stop" ]; then
 fi
 
 # 1. Packages.
-need=(nginx nginx-dev libclang-dev pkg-config postgresql-15 wrk)
+need=(nginx nginx-dev libclang-dev pkg-config dpkg-dev postgresql-15 wrk curl)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

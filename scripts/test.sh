@@ -13,7 +13,7 @@ cd "$root"
 # Say what is missing, all at once, with the line that installs it.
 missing=()
 need_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed" || missing+=("$1"); }
-for p in nginx nginx-dev libclang-dev libpcre2-dev libssl-dev zlib1g-dev postgresql-15 prometheus; do
+for p in nginx nginx-dev libclang-dev dpkg-dev libpcre2-dev libssl-dev zlib1g-dev postgresql-15 prometheus; do
   need_pkg "$p"
 done
 if [ ${#missing[@]} -gt 0 ]; then
