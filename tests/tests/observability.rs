@@ -188,34 +188,8 @@ mod with_daemon {
     use logtally_e2e::nginx::{HttpClient, TestNginx};
     use logtally_e2e::postgres::TestPostgres;
     use logtally_e2e::prometheus::ScrapeJob;
+    use logtally_e2e::sidecar::{free_addr, logtally_bin};
     use logtally_spool::{encode_drop_marker, encode_event, SegmentWriter, SegmentWriterConfig};
-
-    /// `$LOGTALLY_BIN`, else the newest of `target/{release,debug}/logtally` (build it
-    /// first: `cargo build -p logtally`).
-    fn logtally_bin() -> PathBuf {
-        if let Some(p) = std::env::var_os("LOGTALLY_BIN") {
-            return PathBuf::from(p);
-        }
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_file("target"));
-        ["release", "debug"]
-            .iter()
-            .map(|p| target.join(p).join("logtally"))
-            .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
-            .max()
-            .map(|(_, p)| p)
-            .unwrap_or_else(|| {
-                panic!("no logtally binary: run `cargo build -p logtally` or set LOGTALLY_BIN")
-            })
-    }
-
-    fn free_addr() -> SocketAddr {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    }
 
     /// A `logtally run` with its own spool folder, config and log; killed on drop.
     struct Sidecar {
