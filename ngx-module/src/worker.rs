@@ -21,7 +21,7 @@ pub const STOP_LIMIT: Duration = Duration::from_secs(3);
 pub struct Feeder {
     tx: Sender<Vec<u8>>,
     pending_drops: PendingDrops,
-    pub counters: &'static SharedCounters,
+    counters: &'static SharedCounters,
     /// Reused encoding buffer: the request path encodes here, then sends an exact copy.
     scratch: Vec<u8>,
 }
