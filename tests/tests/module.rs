@@ -1,10 +1,14 @@
 //! The nginx module in a real nginx (2 workers, loopback): every request becomes exactly one
-//! spool record, bad configurations fail `nginx -t` naming the directive, reloads and a
-//! killed worker lose nothing they should not, odd values are recorded faithfully or cut
-//! by the documented rule, a spool that cannot take writes never hurts nginx, and
-//! `logtally_status` is valid Prometheus text with the right numbers.
+//! spool record (checked against a stock access_log), bad configurations fail `nginx -t`
+//! naming the directive, reloads and a killed worker lose nothing they should not, odd
+//! values are recorded faithfully or cut by the documented rule, a full queue or a spool
+//! that cannot take writes costs events (counted, marked) but never a request, a frozen
+//! disk stalls neither requests nor reloads, and `logtally_status` is valid Prometheus text
+//! with the right numbers.
 //!
-//! Needs the module built first (`scripts/nginx-build.sh module`); see `logtally_e2e::nginx`.
+//! Needs the module built first (`scripts/nginx-build.sh module`, or `vendored` with
+//! `LOGTALLY_NGINX_ROUTE=vendored`); see `logtally_e2e::nginx`. Runs as root for the tmpfs,
+//! loop-mount and fsfreeze cases; elsewhere those fall back or are skipped (said on stderr).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
