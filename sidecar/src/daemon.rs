@@ -36,6 +36,8 @@ use crate::tail::{Position, SegmentEvent, Tailer, TailerOptions};
 
 /// Bytes of spool one reader poll may consume before it looks at its commands again.
 const POLL_BUDGET: u64 = 4 << 20;
+/// The poll budget once the aggregator is half way to `max_pending_keys`.
+const SMALL_POLL_BUDGET: u64 = 64 << 10;
 /// How long the reader sleeps when the spool has nothing new.
 const IDLE_POLL: Duration = Duration::from_millis(50);
 /// Retry backoff after a failed flush or connect: doubles from the first to the cap.
@@ -172,7 +174,13 @@ impl Reader {
             torn_discarded,
             ..
         } = self;
-        let result = tailer.poll(POLL_BUDGET, &mut |event| match event {
+        // Near the key bound, read in small steps so the bound is not overshot by much.
+        let budget = if aggregator.pending_keys() >= self.config.max_pending_keys / 2 {
+            SMALL_POLL_BUDGET
+        } else {
+            POLL_BUDGET
+        };
+        let result = tailer.poll(budget, &mut |event| match event {
             SegmentEvent::Record {
                 segment, record, ..
             } => {
@@ -460,6 +468,7 @@ impl Engine {
             .map(|(name, p)| entry(name, *p))
             .collect();
         let rows = batch.rows();
+        let changed_empty = changed.is_empty();
         let started = Instant::now();
         let result = match self.ensure_store().await {
             Err(e) => Err(e),
@@ -514,7 +523,8 @@ impl Engine {
                 for c in changed {
                     self.committed.insert(c.segment.clone(), c);
                 }
-                self.after_commit(reader, batch, at_ms).await?;
+                let wrote = rows > 0 || !changed_empty;
+                self.after_commit(reader, batch, at_ms, wrote).await?;
                 self.backoff.reset();
                 Ok(true)
             }
@@ -543,18 +553,22 @@ impl Engine {
         }
     }
 
-    /// After a commit: binlog, let the reader delete finished segments, forget their rows.
+    /// After a commit: binlog (when the checkpoint moved), let the reader delete finished
+    /// segments, forget their checkpoint rows.
     async fn after_commit(
         &mut self,
         reader: &ReaderHandle,
         batch: Drained,
         at_ms: u64,
+        wrote: bool,
     ) -> Result<(), DaemonError> {
-        self.seq += 1;
         let mut all: Vec<CheckpointEntry> = self.committed.values().cloned().collect();
         all.sort_by(|a, b| a.segment.cmp(&b.segment));
-        let record = BinlogRecord::new(self.seq, at_ms, &self.config.node, batch.rows(), &all);
-        self.append_binlog(&record);
+        if wrote {
+            self.seq += 1;
+            let record = BinlogRecord::new(self.seq, at_ms, &self.config.node, batch.rows(), &all);
+            self.append_binlog(&record);
+        }
 
         let committed: Vec<(String, Position)> = all
             .iter()
