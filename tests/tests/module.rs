@@ -31,7 +31,10 @@ struct Sent {
 
 impl Sent {
     fn for_id(id: u64) -> Sent {
-        let ad = (id % 7 > 0).then(|| format!("{}", id * 31 % 1000));
+        let ad = match id % 7 {
+            0 => None,
+            _ => Some(format!("{}", id * 31 % 1000)),
+        };
         let ev = match id % 4 {
             0 => Some("view".to_string()),
             1 => Some("click".to_string()),
