@@ -1035,8 +1035,10 @@ fn a_stalled_disk_never_stalls_requests_or_reloads() {
                 .get(format!("/e?id={id}").as_bytes(), &[])
                 .expect("answer");
             assert_eq!(r.status, 204);
+            // The disk stays frozen until all of these are answered: a request that waited
+            // on it would not be answered at all. The bound only keeps the test short.
             assert!(
-                start.elapsed() < Duration::from_secs(1),
+                start.elapsed() < Duration::from_secs(5),
                 "request {id} waited on the disk"
             );
         }
