@@ -6,6 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::{encode_header, encode_seal, HeaderError, SegmentHeader, SEGMENT_EXTENSION};
@@ -112,7 +113,14 @@ impl SegmentWriter {
                 .config
                 .dir
                 .join(segment_file_name(now_ms, self.config.pid, self.seq));
-            match OpenOptions::new().append(true).create_new(true).open(&path) {
+            // 0640: the spool holds request data; the reader runs as the
+            // writer's user or its group (or root).
+            match OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(&path)
+            {
                 Ok(file) => break (file, path),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),

@@ -68,6 +68,17 @@ impl NginxBuild {
     }
 }
 
+/// Sends signal `sig` to process `pid` through kill(1), so the test crate needs no `unsafe`.
+/// Returns whether the signal was delivered.
+pub fn send_signal(pid: i32, sig: i32) -> bool {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; nginx binds it right after).
 pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -251,9 +262,11 @@ impl TestNginx {
 
     /// Sends a signal to the master.
     pub fn signal(&self, sig: i32) {
-        // SAFETY: plain kill(2) on our own child.
-        let rc = unsafe { libc::kill(self.master_pid(), sig) };
-        assert_eq!(rc, 0, "kill({}, {sig})", self.master_pid());
+        assert!(
+            send_signal(self.master_pid(), sig),
+            "kill -{sig} {}",
+            self.master_pid()
+        );
     }
 
     /// `nginx -s reload`: re-reads nginx.conf, starts new workers, retires old ones.
@@ -344,8 +357,7 @@ impl TestNginx {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, sig) };
+        send_signal(child.id() as i32, sig);
         let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(_)) = child.try_wait() {
@@ -364,8 +376,8 @@ impl TestNginx {
 impl Drop for TestNginx {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child; then make sure it is gone.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            // SIGTERM first (a fast stop of the workers too), then make sure it is gone.
+            send_signal(child.id() as i32, libc::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(5);
             while !matches!(child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use logtally_e2e::nginx::{read_spool, test_config, HttpClient, SegmentContents, TestNginx};
+use logtally_e2e::nginx::{
+    read_spool, send_signal, test_config, HttpClient, SegmentContents, TestNginx,
+};
 
 /// Values one request id sends; absent (`None`) and empty (`Some("")`) both occur.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -545,8 +547,7 @@ fn a_killed_worker_leaves_every_other_record_intact() {
             .flatten()
             .any(|e| e.file_name().to_string_lossy().contains(&marker))
     });
-    // SAFETY: kill(2) on a worker of our own nginx.
-    assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
+    assert!(send_signal(victim, libc::SIGKILL), "kill -9 {victim}");
     n.wait_until(Duration::from_secs(20), "a replacement worker", || {
         let now = n.worker_pids();
         now.len() == 2 && !now.contains(&victim)
