@@ -14,9 +14,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::{BufMut, BytesMut};
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::aggregate::{Decimal, MetricValue, Row, RuleRows};
@@ -400,15 +401,15 @@ pub fn upsert_sql(rule: &Rule) -> String {
             ),
             // Decimals travel as text: exact, and PostgreSQL parses them into numeric.
             MetricKind::Sum(_) => (
-                format!("${n}::text[]::numeric[]"),
+                format!("${n}::numeric[]"),
                 format!("{c} = cur.{c} + excluded.{c}"),
             ),
             MetricKind::Min(_) => (
-                format!("${n}::text[]::numeric[]"),
+                format!("${n}::numeric[]"),
                 format!("{c} = least(cur.{c}, excluded.{c})"),
             ),
             MetricKind::Max(_) => (
-                format!("${n}::text[]::numeric[]"),
+                format!("${n}::numeric[]"),
                 format!("{c} = greatest(cur.{c}, excluded.{c})"),
             ),
         };
@@ -484,37 +485,103 @@ fn combine(rule: &Rule, into: &mut Row, from: &Row) {
 /// Rows sorted by key, with rows of equal key merged. An upsert may not touch a row twice,
 /// and two raw keys can become one text key (invalid UTF-8 replaced, NUL removed). The
 /// order also makes concurrent sidecars lock rows in the same order (no deadlocks).
-fn prepare_rows<'r>(rule: &Rule, rows: &'r [Row]) -> Vec<Cow<'r, Row>> {
+fn prepare_rows<'r>(rule: &Rule, rows: &'r [Row]) -> Cow<'r, [Row]> {
+    let key = |r: &'r Row| (r.bucket_ms, &r.dims);
+    // The aggregator drains rows sorted and distinct: then there is nothing to copy.
+    if rows.windows(2).all(|w| key(&w[0]) < key(&w[1])) {
+        return Cow::Borrowed(rows);
+    }
     let mut refs: Vec<&Row> = rows.iter().collect();
-    refs.sort_unstable_by(|a, b| (a.bucket_ms, &a.dims).cmp(&(b.bucket_ms, &b.dims)));
-    let mut out: Vec<Cow<'r, Row>> = Vec::with_capacity(refs.len());
+    refs.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+    let mut out: Vec<Row> = Vec::with_capacity(refs.len());
     for r in refs {
         match out.last_mut() {
             Some(last) if last.bucket_ms == r.bucket_ms && last.dims == r.dims => {
-                combine(rule, last.to_mut(), r)
+                combine(rule, last, r)
             }
-            _ => out.push(Cow::Borrowed(r)),
+            _ => out.push(r.clone()),
         }
     }
-    out
+    Cow::Owned(out)
 }
 
-/// The column arrays of one rule's upsert.
-fn rule_params(rule: &Rule, rows: &[Cow<'_, Row>]) -> Vec<Box<dyn ToSql + Sync + Send>> {
-    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+/// Rows per upsert statement. A flush of many rows runs several statements in its one
+/// transaction, so the encoded parameters never hold more than this many rows at once.
+const UPSERT_CHUNK: usize = 20_000;
+
+/// A [`Decimal`] bound as a PostgreSQL `numeric` in the binary format: exact, and no text
+/// to allocate per value.
+#[derive(Debug, Clone, Copy)]
+pub struct SqlNumeric(pub Decimal);
+
+impl SqlNumeric {
+    /// The binary `numeric` wire form: ndigits, weight, sign, dscale (all i16), then base
+    /// 10,000 digits, most significant first. PostgreSQL strips redundant zero digits.
+    pub fn encode(self, out: &mut BytesMut) {
+        const SCALE: u128 = 1_000_000_000;
+        let abs = self.0 .0.unsigned_abs();
+        let (mut int, frac) = (abs / SCALE, (abs % SCALE) * 1000); // 12 fractional digits
+        let mut int_groups = Vec::new();
+        while int > 0 {
+            int_groups.push((int % 10_000) as i16);
+            int /= 10_000;
+        }
+        int_groups.reverse();
+        let frac_groups = [
+            (frac / 100_000_000) as i16,
+            ((frac / 10_000) % 10_000) as i16,
+            (frac % 10_000) as i16,
+        ];
+        let ndigits = (int_groups.len() + frac_groups.len()) as i16;
+        let weight = int_groups.len() as i16 - 1;
+        let sign: u16 = if self.0 .0 < 0 { 0x4000 } else { 0 };
+        out.put_i16(ndigits);
+        out.put_i16(weight);
+        out.put_u16(sign);
+        out.put_i16(9);
+        for d in int_groups.iter().chain(frac_groups.iter()) {
+            out.put_i16(*d);
+        }
+    }
+}
+
+impl ToSql for SqlNumeric {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.encode(out);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::NUMERIC
+    }
+
+    to_sql_checked!();
+}
+
+/// The column arrays of one rule's upsert, borrowing the rows' text.
+fn rule_params<'a>(rule: &Rule, rows: &'a [Row]) -> Vec<Box<dyn ToSql + Sync + Send + 'a>> {
+    let mut params: Vec<Box<dyn ToSql + Sync + Send + 'a>> = Vec::new();
     params.push(Box::new(
         rows.iter()
             .map(|r| bucket_time(r.bucket_ms))
             .collect::<Vec<_>>(),
     ));
     for i in 0..rule.group_by.len() {
-        let col: Vec<String> = rows
+        let col: Vec<&'a str> = rows
             .iter()
-            .map(|r| r.dims.get(i).cloned().unwrap_or_default())
+            .map(|r| r.dims.get(i).map_or("", String::as_str))
             .collect();
         params.push(Box::new(col));
     }
     for (i, m) in rule.metrics.iter().enumerate() {
+        let decimal = |r: &Row| match r.metrics.get(i) {
+            Some(MetricValue::Decimal(d)) => *d,
+            _ => None,
+        };
         match m.kind {
             MetricKind::Count => {
                 let col: Vec<i64> = rows
@@ -527,23 +594,15 @@ fn rule_params(rule: &Rule, rows: &[Cow<'_, Row>]) -> Vec<Box<dyn ToSql + Sync +
                 params.push(Box::new(col));
             }
             MetricKind::Sum(_) => {
-                let col: Vec<String> = rows
+                let col: Vec<SqlNumeric> = rows
                     .iter()
-                    .map(|r| match r.metrics.get(i) {
-                        Some(MetricValue::Decimal(Some(d))) => decimal_text(*d),
-                        _ => "0".to_string(),
-                    })
+                    .map(|r| SqlNumeric(decimal(r).unwrap_or_default()))
                     .collect();
                 params.push(Box::new(col));
             }
             MetricKind::Min(_) | MetricKind::Max(_) => {
-                let col: Vec<Option<String>> = rows
-                    .iter()
-                    .map(|r| match r.metrics.get(i) {
-                        Some(MetricValue::Decimal(d)) => d.map(decimal_text),
-                        _ => None,
-                    })
-                    .collect();
+                let col: Vec<Option<SqlNumeric>> =
+                    rows.iter().map(|r| decimal(r).map(SqlNumeric)).collect();
                 params.push(Box::new(col));
             }
         }
@@ -854,13 +913,15 @@ impl Store {
                 continue;
             };
             let rows = prepare_rows(rule, &rule_rows.rows);
-            let params = rule_params(rule, &rows);
-            tx.execute_raw(
-                &self.upserts[rule_rows.rule],
-                params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)),
-            )
-            .await
-            .map_err(StoreError::db("upsert aggregates"))?;
+            for chunk in rows.chunks(UPSERT_CHUNK) {
+                let params = rule_params(rule, chunk);
+                tx.execute_raw(
+                    &self.upserts[rule_rows.rule],
+                    params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)),
+                )
+                .await
+                .map_err(StoreError::db("upsert aggregates"))?;
+            }
         }
         if !positions.is_empty() {
             let names: Vec<&str> = positions.iter().map(|p| p.segment.as_str()).collect();
@@ -1002,8 +1063,8 @@ mod tests {
             sql,
             "INSERT INTO \"ad_events_1m\" AS cur (\"bucket\", \"ad\", \"ev\", \"events\", \
              \"bytes\", \"rt_min\", \"rt_max\") SELECT * FROM unnest($1::timestamptz[], \
-             $2::text[], $3::text[], $4::int8[], $5::text[]::numeric[], $6::text[]::numeric[], \
-             $7::text[]::numeric[]) ON CONFLICT (\"bucket\", \"ad\", \"ev\") DO UPDATE SET \
+             $2::text[], $3::text[], $4::int8[], $5::numeric[], $6::numeric[], \
+             $7::numeric[]) ON CONFLICT (\"bucket\", \"ad\", \"ev\") DO UPDATE SET \
              \"events\" = cur.\"events\" + excluded.\"events\", \"bytes\" = cur.\"bytes\" + \
              excluded.\"bytes\", \"rt_min\" = least(cur.\"rt_min\", excluded.\"rt_min\"), \
              \"rt_max\" = greatest(cur.\"rt_max\", excluded.\"rt_max\")"
@@ -1079,8 +1140,9 @@ mod tests {
             row(0, "a", 2, 20, None, None),
             row(60_000, "b", 3, 30, Some(1), Some(2)),
         ];
-        let out = prepare_rows(&r, &rows);
-        let out: Vec<Row> = out.into_iter().map(Cow::into_owned).collect();
+        let out = prepare_rows(&r, &rows).into_owned();
+        // Sorted, distinct rows (what the aggregator drains) are used as they are.
+        assert!(matches!(prepare_rows(&r, &out), Cow::Borrowed(_)));
         assert_eq!(
             out,
             vec![

@@ -317,3 +317,32 @@ async fn concurrent_flushes_of_two_nodes_on_the_same_keys_add_up() {
         "{rows:?}"
     );
 }
+
+#[tokio::test]
+async fn decimals_reach_postgresql_exactly_in_binary() {
+    use logtally::store::{decimal_text, SqlNumeric};
+    let pg = TestPostgres::start();
+    let url = pg.create_database().await;
+    let c = client(&url).await;
+    let values = [
+        0i128,
+        1,
+        -1,
+        999_999_999,
+        1_000_000_000,
+        -1_500_000_000,
+        12_345_678_901_234_567_890,
+        10_000_000_000_000,
+        i128::MAX,
+        i128::MIN + 1,
+        i128::MIN,
+    ];
+    for v in values {
+        let row = c
+            .query_one("SELECT $1::numeric::text", &[&SqlNumeric(Decimal(v))])
+            .await
+            .unwrap();
+        let got: String = row.get(0);
+        assert_eq!(got, decimal_text(Decimal(v)), "Decimal({v})");
+    }
+}

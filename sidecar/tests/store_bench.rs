@@ -98,6 +98,15 @@ async fn flush_100k_rows() {
     );
 }
 
+fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -219,6 +228,27 @@ async fn rss_per_pending_key() {
             }
         );
         base_kib.get_or_insert(rss);
+        // SIGTERM makes the final flush: drained rows and query parameters exist next to
+        // the aggregator for a moment. The peak (VmHWM) read just before the exit shows it.
+        let mut child = child;
+        let pid = child.0.id();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        let mut peak = 0;
+        while child.0.try_wait().unwrap().is_none() {
+            if let Some(hwm) = proc_status_kib(pid, "VmHWM:") {
+                peak = hwm;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        println!(
+            "  {:>9}       peak during the final flush: {:>7.1} MiB",
+            "",
+            peak as f64 / 1024.0
+        );
         drop(child);
     }
 }
