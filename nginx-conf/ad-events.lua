@@ -8,7 +8,7 @@ local uas = {
 }
 math.randomseed(os.time())
 request = function()
-  local ad = math.floor(math.random() ^ 3 * 200)
+  local ad = 1 + math.floor(math.random() ^ 3 * 200)
   local path = string.format("/e?ad=%d&ev=%s&cmp=%s", ad, evs[math.random(#evs)], cmps[math.random(#cmps)])
   return wrk.format("GET", path, { ["User-Agent"] = uas[math.random(#uas)] })
 end
