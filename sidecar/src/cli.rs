@@ -73,6 +73,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run_daemon(path: &Path) -> anyhow::Result<()> {
     let config = config::load(path)?;
+    // Not fatal here: nginx may be about to be reloaded with the missing `logtally_field`.
+    if let Ok(spool) = spool_fields(&config.spool_dir) {
+        if spool.segments > 0 {
+            for error in config::fields_not_in_spool(&config, &spool.fields) {
+                tracing::warn!(key = error.key(), "{error}");
+            }
+        }
+    }
     runtime()?.block_on(async {
         daemon::run(config, None, shutdown_signal())
             .await
@@ -104,6 +112,31 @@ pub fn check(path: &Path, database: bool) -> anyhow::Result<()> {
     let config = config::load(path)?;
     let mut out = io::stdout().lock();
     write!(out, "{}", config.summary())?;
+    let dir = config.spool_dir.display();
+    let not_checked = "field names not checked against nginx's logtally_field names";
+    match spool_fields(&config.spool_dir) {
+        Err(error) => writeln!(
+            out,
+            "note: cannot read spool_dir {dir} ({error}): {not_checked}"
+        )?,
+        Ok(spool) if spool.segments == 0 => writeln!(
+            out,
+            "note: no segment with a readable header in {dir} yet: {not_checked}"
+        )?,
+        Ok(spool) => {
+            let errors = config::fields_not_in_spool(&config, &spool.fields);
+            if !errors.is_empty() {
+                let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                anyhow::bail!("{}", lines.join("\n"));
+            }
+            writeln!(
+                out,
+                "fields        found in {} segment(s) in {dir} ({})",
+                spool.segments,
+                spool.fields.join(", ")
+            )?;
+        }
+    }
     writeln!(out, "configuration OK")?;
     if !database {
         return Ok(());
@@ -120,6 +153,66 @@ pub fn check(path: &Path, database: bool) -> anyhow::Result<()> {
     }
     writeln!(out, "database OK")?;
     Ok(())
+}
+
+/// What the spool's segment headers declare.
+struct SpoolFields {
+    /// Segments whose header could be read.
+    segments: usize,
+    /// Union of their field names, first seen first (segments in name order).
+    fields: Vec<String>,
+}
+
+/// A header is at most ~4 KiB (64 names of at most 63 bytes); reading more is waste.
+const HEADER_READ_LIMIT: u64 = 64 * 1024;
+
+/// Reads the header of every segment in `dir`. A missing folder is zero segments (nginx has
+/// not written yet); segments that vanish, cannot be read or have a bad or unfinished header
+/// are skipped: `check` only needs the names some writer declared.
+fn spool_fields(dir: &Path) -> io::Result<SpoolFields> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(SpoolFields {
+                segments: 0,
+                fields: Vec::new(),
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| logtally_spool::is_segment_file_name(n))
+        .collect();
+    names.sort();
+    let mut spool = SpoolFields {
+        segments: 0,
+        fields: Vec::new(),
+    };
+    let mut buf = Vec::new();
+    for name in names {
+        buf.clear();
+        let read = std::fs::File::open(dir.join(&name)).and_then(|f| {
+            io::Read::read_to_end(&mut io::Read::take(f, HEADER_READ_LIMIT), &mut buf)
+        });
+        if let Err(error) = read {
+            tracing::debug!(segment = %name, %error, "cannot read segment header");
+            continue;
+        }
+        match logtally_spool::decode_header(&buf) {
+            Ok(Some((header, _))) => {
+                spool.segments += 1;
+                for f in header.fields {
+                    if !spool.fields.contains(&f) {
+                        spool.fields.push(f);
+                    }
+                }
+            }
+            Ok(None) => tracing::debug!(segment = %name, "segment header not complete yet"),
+            Err(error) => tracing::debug!(segment = %name, %error, "bad segment header"),
+        }
+    }
+    Ok(spool)
 }
 
 fn dump_to_stdout(path: &Path) -> anyhow::Result<()> {

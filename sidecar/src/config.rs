@@ -186,6 +186,15 @@ pub enum Problem {
     Empty,
     #[error("cannot determine the hostname; set node explicitly")]
     NoHostname,
+    /// Found by `logtally check` against the segment headers, not by [`parse`]: the file
+    /// alone cannot know nginx's `logtally_field` names.
+    #[error("field {field:?} is not in the spool (segments in {dir} declare: {declared})")]
+    NotInSpool {
+        field: String,
+        dir: String,
+        /// The declared names, comma-separated, as the message shows them.
+        declared: String,
+    },
 }
 
 /// The file as written; every key optional so defaults apply.
@@ -358,6 +367,41 @@ fn column_clash(name: &str) -> Problem {
     } else {
         Problem::DuplicateColumn(name.to_string())
     }
+}
+
+/// Every field a rule reads that no segment declares: one error per key (`rule[i].group_by[j]`,
+/// `rule[i].metrics.<column>`), in file order. `declared` is the union of the field lists of
+/// the segment headers in `config.spool_dir`; with no segment there is nothing to compare
+/// with, so callers skip this check rather than pass an empty list.
+pub fn fields_not_in_spool(config: &Config, declared: &[String]) -> Vec<ConfigError> {
+    let known = |f: &str| declared.iter().any(|d| d == f);
+    let listed = declared.join(", ");
+    let mut errors = Vec::new();
+    for (i, rule) in config.rules.iter().enumerate() {
+        let group_by = rule
+            .group_by
+            .iter()
+            .enumerate()
+            .map(|(j, f)| (format!("rule[{i}].group_by[{j}]"), f.as_str()));
+        let metrics = rule.metrics.iter().filter_map(|m| {
+            let f = m.kind.field()?;
+            Some((format!("rule[{i}].metrics.{}", m.column), f))
+        });
+        for (key, field) in group_by.chain(metrics) {
+            if !known(field) {
+                errors.push(ConfigError::Invalid {
+                    path: config.path.display().to_string(),
+                    key,
+                    problem: Problem::NotInSpool {
+                        field: field.to_string(),
+                        dir: config.spool_dir.display().to_string(),
+                        declared: listed.clone(),
+                    },
+                });
+            }
+        }
+    }
+    errors
 }
 
 /// Parses `"100ms"`, `"5s"`, `"1m"`, `"1h"`, `"1d"`.
@@ -951,6 +995,39 @@ metrics = {{ n = "count" }}
                 .starts_with("/nonexistent/logtally.toml: cannot read:"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn fields_checked_against_the_spool() {
+        let c = p(&RULE.replace("max(rt)", "max(rtt)")).unwrap();
+        let declared: Vec<String> = ["ad", "ev", "bytes", "rt"].map(String::from).into();
+        let errors: Vec<String> = fields_not_in_spool(&c, &declared)
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(
+            errors,
+            [
+                "logtally.toml: rule[0].group_by[2]: field \"cmp\" is not in the spool \
+                 (segments in /var/spool/logtally declare: ad, ev, bytes, rt)",
+                "logtally.toml: rule[0].metrics.rt_max: field \"rtt\" is not in the spool \
+                 (segments in /var/spool/logtally declare: ad, ev, bytes, rt)",
+            ]
+        );
+        let e = &fields_not_in_spool(&c, &declared)[1];
+        assert_eq!(e.key(), Some("rule[0].metrics.rt_max"));
+
+        // All declared (in any order, with extras): nothing to report. `count` reads no field.
+        let c = p(RULE).unwrap();
+        let declared: Vec<String> = ["ua", "rt", "cmp", "bytes", "ev", "ad"]
+            .map(String::from)
+            .into();
+        assert!(fields_not_in_spool(&c, &declared).is_empty());
+        // Names are compared exactly: spool field names are case-sensitive.
+        let declared: Vec<String> = ["AD", "ev", "cmp", "bytes", "rt"].map(String::from).into();
+        let errors = fields_not_in_spool(&c, &declared);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].key(), Some("rule[0].group_by[0]"));
     }
 
     #[test]

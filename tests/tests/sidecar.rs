@@ -953,6 +953,57 @@ fn check_names_what_is_wrong_with_a_configuration() {
         );
     }
 
+    // Field names the spool does not declare. An empty spool cannot tell: a note, not a
+    // failure; once a segment declares [ad, ev, bytes], a rule on `rtt` or `cmp` fails.
+    let unknown_metric = site_config_text(
+        &site,
+        &db.url,
+        "",
+        &RULE.replace("bytes_max = \"max(bytes)\"", "x = \"max(rtt)\""),
+    );
+    let unknown_group = site_config_text(&site, &db.url, "", &RULE.replace("\"ev\"]", "\"cmp\"]"));
+    let path = site.dir.path().join("fields.toml");
+    std::fs::write(&path, &unknown_metric).unwrap();
+    let (ok, out) = check(&path);
+    assert!(ok, "no segments yet: must not fail:\n{out}");
+    assert!(
+        out.contains("no segment with a readable header in") && out.contains("not checked"),
+        "no note that field names were not checked:\n{out}"
+    );
+    let mut load = Workload::new(9);
+    hand_segment(&site.spool, dead_pid(), 1, &mut load, 3, &[], false);
+    let declared = "declare: ad, ev, bytes)";
+    for (what, text, key, field) in [
+        (
+            "max of an unknown field",
+            &unknown_metric,
+            "rule[0].metrics.x",
+            "\"rtt\"",
+        ),
+        (
+            "group_by an unknown field",
+            &unknown_group,
+            "rule[0].group_by[1]",
+            "\"cmp\"",
+        ),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let (ok, out) = check(&path);
+        assert!(!ok, "{what}: check passed:\n{out}");
+        let line = out
+            .lines()
+            .find(|l| l.contains(key))
+            .unwrap_or_else(|| panic!("{what}: {key} not named in:\n{out}"));
+        assert!(
+            line.contains("fields.toml") && line.contains(field) && line.contains(declared),
+            "{what}: file, field or declared fields not named in:\n{out}"
+        );
+        assert!(!out.contains("configuration OK"), "{what}:\n{out}");
+    }
+    let (ok, out) = check(&site.config(&db.url));
+    assert!(ok, "the good configuration against the same spool:\n{out}");
+    assert!(out.contains("found in 1 segment(s)"), "{out}");
+
     let port = free_addr().port();
     let unreachable = format!("postgres://nobody@127.0.0.1:{port}/nowhere?connect_timeout=3");
     let path = site.dir.path().join("unreachable.toml");
