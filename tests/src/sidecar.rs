@@ -82,6 +82,24 @@ impl TestSidecar {
         self.child.id()
     }
 
+    /// `kill -9`, and wait for it to be gone.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Waits at most `limit` for the process to exit by itself.
+    pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// `kill -9`, then start it again on the same configuration.
     pub fn kill9_and_restart(&mut self) {
         self.child.kill().unwrap();
@@ -161,6 +179,17 @@ impl Db {
             drop(client);
             let _ = task.await;
             rows
+        })
+    }
+
+    /// Runs SQL statements on a new connection; panics on error.
+    pub fn execute(&self, sql: &str) {
+        self.rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client.batch_execute(sql).await.unwrap();
         })
     }
 }

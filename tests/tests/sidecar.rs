@@ -8,11 +8,12 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use logtally_e2e::postgres::TestPostgres;
 use logtally_e2e::prometheus::http_get;
+use logtally_e2e::sidecar::{free_addr, logtally_bin, Db, TestSidecar};
 use logtally_spool::{
     encode_event, encode_header, segment_file_name, SegmentHeader, SegmentWriter,
     SegmentWriterConfig,
@@ -23,75 +24,16 @@ const FIELDS: [&str; 3] = ["ad", "ev", "bytes"];
 /// 2025-11-28T00:00:00Z: event times start here.
 const T0: u64 = 1_764_288_000_000;
 
-fn logtally_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("LOGTALLY_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let newest = ["release", "debug"]
-        .iter()
-        .map(|p| target.join(p).join("logtally"))
-        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
-        .max();
-    match newest {
-        Some((_, p)) => p,
-        None => panic!(
-            "no logtally binary under {}: run `cargo build --release -p logtally` first or set LOGTALLY_BIN",
-            target.display()
-        ),
-    }
-}
-
-/// A blocking facade over tokio-postgres for the tests' own queries.
-struct Db {
-    rt: tokio::runtime::Runtime,
-    url: String,
-}
-
-impl Db {
-    fn new(pg: &TestPostgres) -> Db {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let url = rt.block_on(pg.create_database());
-        Db { rt, url }
-    }
-
-    fn query(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-        self.rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
-            let task = tokio::spawn(conn);
-            let rows = client.query(sql, &[]).await;
-            drop(client);
-            let _ = task.await;
-            rows
-        })
-    }
-
-    fn execute(&self, sql: &str) {
-        self.rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            client.batch_execute(sql).await.unwrap();
-        })
-    }
-
-    /// `(bucket ms, ad, ev) → (events, bytes in hundredths)` as the table holds them.
-    fn totals(&self) -> Result<Totals, tokio_postgres::Error> {
-        let rows = self.query(
-            "SELECT (extract(epoch FROM bucket) * 1000)::bigint, ad, ev, events, \
-             (bytes * 100)::bigint FROM ad_events_1m",
-        )?;
-        Ok(rows
-            .into_iter()
-            .map(|r| ((r.get(0), r.get(1), r.get(2)), (r.get(3), r.get(4))))
-            .collect())
-    }
+/// `(bucket ms, ad, ev) → (events, bytes in hundredths)` as the table holds them.
+fn totals(db: &Db) -> Result<Totals, tokio_postgres::Error> {
+    let rows = db.query(
+        "SELECT (extract(epoch FROM bucket) * 1000)::bigint, ad, ev, events, \
+         (bytes * 100)::bigint FROM ad_events_1m",
+    )?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ((r.get(0), r.get(1), r.get(2)), (r.get(3), r.get(4))))
+        .collect())
 }
 
 type Totals = BTreeMap<(i64, String, String), (i64, i64)>;
@@ -217,13 +159,6 @@ fn write_segment(
     w.seal(now_ms()).unwrap();
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// A test's folder: spool, config, binlog, logs.
 struct Site {
     dir: tempfile::TempDir,
@@ -291,64 +226,9 @@ group_by = ["ad", "ev"]
 metrics = { events = "count", bytes = "sum(bytes)", bytes_max = "max(bytes)" }
 "#;
 
-/// A running `logtally run`, its output appended to the site's log.
-struct Sidecar {
-    child: Child,
-}
-
-impl Sidecar {
-    fn start(site: &Site, config: &Path) -> Sidecar {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(site.log())
-            .unwrap();
-        let child = Command::new(logtally_bin())
-            .args(["run", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start logtally");
-        Sidecar { child }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// SIGTERM, then wait (at most 30 s) for the exit.
-    fn terminate(mut self) -> ExitStatus {
-        let ok = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        self.wait(Duration::from_secs(30))
-            .expect("logtally did not exit within 30 s of SIGTERM")
-    }
-
-    fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts `logtally run` on `config`, its output appended to the site's log.
+fn start_sidecar(site: &Site, config: &Path) -> TestSidecar {
+    TestSidecar::start(config, &site.log(), site.listen)
 }
 
 /// Polls the table until it holds exactly `expected` (or the deadline passes); on failure
@@ -357,7 +237,7 @@ fn wait_for_totals(db: &Db, expected: &Totals, site: &Site, limit: Duration) {
     let deadline = Instant::now() + limit;
     let mut last = Totals::new();
     while Instant::now() < deadline {
-        if let Ok(t) = db.totals() {
+        if let Ok(t) = totals(&db) {
             if &t == expected {
                 return;
             }
@@ -434,7 +314,7 @@ fn wait_until(limit: Duration, what: &str, site: &Site, mut cond: impl FnMut() -
 #[test]
 fn a_million_events_over_four_segments_two_growing_add_up_exactly() {
     let pg = TestPostgres::start();
-    let db = Db::new(&pg);
+    let db = Db::create(&pg);
     let site = Site::new();
     let mut load = Workload::new(1);
     // Two segments complete (sealed) before the sidecar starts.
@@ -447,8 +327,8 @@ fn a_million_events_over_four_segments_two_growing_add_up_exactly() {
             Duration::ZERO,
         );
     }
-    let config = site.config(&db.url);
-    let sidecar = Sidecar::start(&site, &config);
+    let config = site.config(&db.url());
+    let sidecar = start_sidecar(&site, &config);
     // Two more grow while it reads, from live "writers", then seal.
     let (w1, w2) = (FakeWriter::start(), FakeWriter::start());
     let mut a = writer(&site.spool, w1.pid());
@@ -504,9 +384,9 @@ fn a_million_events_over_four_segments_two_growing_add_up_exactly() {
 #[test]
 fn twenty_kill_nines_during_ingest_count_every_event_once() {
     let pg = TestPostgres::start();
-    let db = Db::new(&pg);
+    let db = Db::create(&pg);
     let site = Site::new();
-    let config = site.config(&db.url);
+    let config = site.config(&db.url());
     let spool = site.spool.clone();
     // The writer runs through all the kills: three segments, one after another, growing.
     let ingest = std::thread::spawn(move || {
@@ -525,13 +405,13 @@ fn twenty_kill_nines_during_ingest_count_every_event_once() {
     });
     let mut rng = rand::rngs::StdRng::seed_from_u64(20);
     for _ in 0..20 {
-        let sidecar = Sidecar::start(&site, &config);
+        let sidecar = start_sidecar(&site, &config);
         std::thread::sleep(Duration::from_millis(rng.gen_range(150..600)));
         sidecar.kill9();
     }
     let load = ingest.join().unwrap();
     assert_eq!(load.total_events(), 300_000);
-    let sidecar = Sidecar::start(&site, &config);
+    let sidecar = start_sidecar(&site, &config);
     wait_for_totals(&db, &load.expected, &site, Duration::from_secs(120));
     assert!(sidecar.terminate().success());
     // The kills did land mid-ingest: most runs committed something before they died
@@ -555,12 +435,12 @@ fn a_ten_second_database_outage_loses_and_doubles_nothing() {
         eprintln!("skipped: TEST_DATABASE_URL server cannot be stopped");
         return;
     }
-    let db = Db::new(&pg);
+    let db = Db::create(&pg);
     let site = Site::new();
     // A low key bound (the workload has 600 keys): while the database is away the reader
     // must pause and the spool hold the rest.
-    let config = site.config_with(&db.url, "max_pending_keys = 100", RULE);
-    let sidecar = Sidecar::start(&site, &config);
+    let config = site.config_with(&db.url(), "max_pending_keys = 100", RULE);
+    let sidecar = start_sidecar(&site, &config);
     let spool = site.spool.clone();
     let ingest = std::thread::spawn(move || {
         let fake = FakeWriter::start();
@@ -611,10 +491,10 @@ fn a_ten_second_database_outage_loses_and_doubles_nothing() {
 #[test]
 fn connections_killed_mid_transaction_count_nothing_twice() {
     let pg = TestPostgres::start();
-    let db = Db::new(&pg);
+    let db = Db::create(&pg);
     let site = Site::new();
-    let config = site.config(&db.url);
-    let sidecar = Sidecar::start(&site, &config);
+    let config = site.config(&db.url());
+    let sidecar = start_sidecar(&site, &config);
     let spool = site.spool.clone();
     let ingest = std::thread::spawn(move || {
         let fake = FakeWriter::start();
@@ -756,15 +636,15 @@ fn a_commit_whose_reply_is_lost_is_found_committed_not_repeated() {
         eprintln!("skipped: needs the private server's port");
         return;
     };
-    let db = Db::new(&pg);
+    let db = Db::create(&pg);
     let site = Site::new();
     let cutter = CommitCutter::start(SocketAddr::from(([127, 0, 0, 1], port)), 3);
     let url = db
-        .url
+        .url()
         .replace(&format!("127.0.0.1:{port}"), &cutter.addr.to_string());
-    assert_ne!(url, db.url);
+    assert_ne!(url, db.url());
     let config = site.config(&url);
-    let sidecar = Sidecar::start(&site, &config);
+    let sidecar = start_sidecar(&site, &config);
     let spool = site.spool.clone();
     let ingest = std::thread::spawn(move || {
         let fake = FakeWriter::start();
@@ -839,7 +719,7 @@ fn dead_pid() -> u32 {
 #[test]
 fn corrupt_records_and_torn_tails_are_counted_and_skipped_the_rest_exact() {
     let pg = TestPostgres::start();
-    let db = Db::new(&pg);
+    let db = Db::create(&pg);
     let site = Site::new();
     let mut load = Workload::new(4);
     let dead = dead_pid();
@@ -856,8 +736,8 @@ fn corrupt_records_and_torn_tails_are_counted_and_skipped_the_rest_exact() {
     // A live writer's segment with a torn tail: waited for, not an error (yet).
     let live = FakeWriter::start();
     hand_segment(&site.spool, live.pid(), 2, &mut load, 500, &[], true);
-    let config = site.config(&db.url);
-    let sidecar = Sidecar::start(&site, &config);
+    let config = site.config(&db.url());
+    let sidecar = start_sidecar(&site, &config);
     wait_for_totals(&db, &load.expected, &site, Duration::from_secs(60));
     // Two corrupt runs (300-301 adjacent, 700) and, once the dead writer's segment is
     // abandoned (10 s without growth), its torn tail.
@@ -871,7 +751,7 @@ fn corrupt_records_and_torn_tails_are_counted_and_skipped_the_rest_exact() {
     );
     assert!(sidecar.terminate().success());
     assert_eq!(
-        db.totals().unwrap(),
+        totals(&db).unwrap(),
         load.expected,
         "nothing changed at shutdown"
     );
@@ -896,27 +776,27 @@ fn check(config: &Path) -> (bool, String) {
 #[test]
 fn check_names_what_is_wrong_with_a_configuration() {
     let pg = TestPostgres::start();
-    let db = Db::new(&pg);
+    let db = Db::create(&pg);
     let site = Site::new();
-    let (ok, out) = check(&site.config(&db.url));
+    let (ok, out) = check(&site.config(&db.url()));
     assert!(ok, "a good configuration must pass: {out}");
 
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "unknown key",
-            site_config_text(&site, &db.url, "colour = \"red\"", RULE),
+            site_config_text(&site, &db.url(), "colour = \"red\"", RULE),
             "colour",
         ),
         (
             "bad duration",
-            site_config_text(&site, &db.url, "retain = \"5 parsecs\"", RULE),
+            site_config_text(&site, &db.url(), "retain = \"5 parsecs\"", RULE),
             "retain",
         ),
         (
             "metric function on an unknown field",
             site_config_text(
                 &site,
-                &db.url,
+                &db.url(),
                 "",
                 &RULE.replace("max(bytes)", "max(by tes)"),
             ),
@@ -924,14 +804,19 @@ fn check_names_what_is_wrong_with_a_configuration() {
         ),
         (
             "table name with a quote",
-            site_config_text(&site, &db.url, "", &RULE.replace("ad_events_1m", "ad\\\"x")),
+            site_config_text(
+                &site,
+                &db.url(),
+                "",
+                &RULE.replace("ad_events_1m", "ad\\\"x"),
+            ),
             "rule[0].table",
         ),
         (
             "table name with a semicolon",
             site_config_text(
                 &site,
-                &db.url,
+                &db.url(),
                 "",
                 &RULE.replace("ad_events_1m", "t; drop table x"),
             ),
@@ -957,11 +842,12 @@ fn check_names_what_is_wrong_with_a_configuration() {
     // failure; once a segment declares [ad, ev, bytes], a rule on `rtt` or `cmp` fails.
     let unknown_metric = site_config_text(
         &site,
-        &db.url,
+        &db.url(),
         "",
         &RULE.replace("bytes_max = \"max(bytes)\"", "x = \"max(rtt)\""),
     );
-    let unknown_group = site_config_text(&site, &db.url, "", &RULE.replace("\"ev\"]", "\"cmp\"]"));
+    let unknown_group =
+        site_config_text(&site, &db.url(), "", &RULE.replace("\"ev\"]", "\"cmp\"]"));
     let path = site.dir.path().join("fields.toml");
     std::fs::write(&path, &unknown_metric).unwrap();
     let (ok, out) = check(&path);
@@ -1000,7 +886,7 @@ fn check_names_what_is_wrong_with_a_configuration() {
         );
         assert!(!out.contains("configuration OK"), "{what}:\n{out}");
     }
-    let (ok, out) = check(&site.config(&db.url));
+    let (ok, out) = check(&site.config(&db.url()));
     assert!(ok, "the good configuration against the same spool:\n{out}");
     assert!(out.contains("found in 1 segment(s)"), "{out}");
 
@@ -1024,20 +910,20 @@ fn site_config_text(site: &Site, url: &str, extra: &str, rule: &str) -> String {
 #[test]
 fn refuses_to_start_on_a_table_of_the_wrong_shape() {
     let pg = TestPostgres::start();
-    let db = Db::new(&pg);
+    let db = Db::create(&pg);
     db.execute(
         "CREATE TABLE ad_events_1m (bucket timestamptz NOT NULL, ad text NOT NULL, \
          ev text NOT NULL, events integer NOT NULL, bytes numeric NOT NULL, \
          bytes_max numeric, PRIMARY KEY (bucket, ad, ev))",
     );
     let site = Site::new();
-    let config = site.config(&db.url);
+    let config = site.config(&db.url());
     let (ok, out) = check(&config);
     assert!(
         !ok && out.contains("column events is integer, expected bigint"),
         "{out}"
     );
-    let mut sidecar = Sidecar::start(&site, &config);
+    let mut sidecar = start_sidecar(&site, &config);
     let status = sidecar
         .wait(Duration::from_secs(30))
         .expect("logtally run kept running on a bad table");
