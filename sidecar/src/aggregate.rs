@@ -1,7 +1,9 @@
 //! Aggregation: a pure function of records and rules (no I/O, no clock).
 //!
 //! CONTRACT (shared by aggregate, store, daemon): [`Decimal`], [`RuleRows`], [`Row`] are what a
-//! flush hands to the store. The aggregator itself is implemented here.
+//! flush hands to the store; the daemon hands [`DrainedRows`], the same rows in the
+//! aggregator's compact form, built into [`Row`]s a chunk at a time. The aggregator itself is
+//! implemented here.
 //!
 //! How records become rows:
 //! - a segment header's field list is mapped to each rule's field indices once
@@ -18,7 +20,7 @@
 //!   never an error (a sum that would overflow `i128` counts its value as bad too, though
 //!   values below 10¹⁸ make that need ~10¹¹ events in one row). `sum` adds valid values (0 when there are none), `min`/`max` are `None`
 //!   when no event of the row had a valid value;
-//! - [`Aggregator::drain`] returns rows sorted by `(bucket, dims)`: deterministic output, and
+//! - [`Aggregator::drain`] (and [`Aggregator::drain_compact`]) returns rows sorted by `(bucket, dims)`: deterministic output, and
 //!   concurrent sidecars upserting the same keys lock rows in the same order.
 //!
 //! Performance: keys are encoded into a reusable buffer and looked up by hash in a
@@ -366,48 +368,129 @@ impl Aggregator {
 
     /// Takes every pending row, leaving the aggregator empty. One [`RuleRows`] per rule, in
     /// rule order (possibly with no rows), rows sorted by `(bucket_ms, dims)`.
+    ///
+    /// Every row is materialised at once: convenient for tests and models. The daemon uses
+    /// [`drain_compact`](Aggregator::drain_compact), which keeps the rows compact.
     pub fn drain(&mut self) -> Vec<RuleRows> {
+        self.drain_compact()
+            .into_iter()
+            .map(DrainedRows::into_rule_rows)
+            .collect()
+    }
+
+    /// Takes every pending row in compact form, leaving the aggregator empty with its memory
+    /// released. One [`DrainedRows`] per rule, in rule order (possibly empty), sorted by
+    /// `(bucket_ms, dims)`.
+    ///
+    /// The key arena and accumulators move out as they are (no copy) and the hash tables are
+    /// freed, so a drained batch costs less than the same keys pending; rows are only built a
+    /// chunk at a time when the store binds them ([`DrainedRows::rows`]).
+    pub fn drain_compact(&mut self) -> Vec<DrainedRows> {
         self.rules
             .iter_mut()
             .enumerate()
             .map(|(rule, st)| {
-                let n = st.accs_kind.len();
-                let mut rows: Vec<Row> = st
-                    .keys
-                    .iter()
-                    .enumerate()
-                    .map(|(i, k)| {
-                        let key = &st.arena[k.off as usize..(k.off + k.len) as usize];
-                        let (bucket_ms, dims) = decode_key(key);
-                        let accs = &st.accs[i * n..(i + 1) * n];
-                        let metrics = st
-                            .accs_kind
-                            .iter()
-                            .zip(accs)
-                            .map(|(&a, &v)| value(a, v))
-                            .collect();
-                        Row {
-                            bucket_ms,
-                            dims,
-                            metrics,
-                        }
-                    })
-                    .collect();
-                rows.sort_unstable_by(|a, b| {
-                    a.bucket_ms
-                        .cmp(&b.bucket_ms)
-                        .then_with(|| a.dims.cmp(&b.dims))
-                });
-                st.tables.clear();
-                st.table_index.clear();
+                // Dropping (not clearing) the tables returns their memory: a flush must not
+                // hold a full-size empty table next to the batch it is writing.
+                st.tables = Vec::new();
+                st.table_index = hashbrown::HashMap::new();
                 st.last_bucket = (i64::MAX, i64::MAX, 0);
-                st.keys.clear();
-                st.arena.clear();
-                st.accs.clear();
-                RuleRows { rule, rows }
+                let mut keys = std::mem::take(&mut st.keys);
+                let arena = std::mem::take(&mut st.arena);
+                let accs = std::mem::take(&mut st.accs);
+                keys.sort_unstable_by(|a, b| cmp_keys(key_bytes(&arena, a), key_bytes(&arena, b)));
+                DrainedRows {
+                    rule,
+                    accs_kind: st.accs_kind.clone(),
+                    keys,
+                    arena,
+                    accs,
+                }
             })
             .collect()
     }
+}
+
+/// One rule's drained aggregates, kept in the aggregator's compact encoding (about a third of
+/// the memory of the same [`Row`]s). Rows come out sorted by `(bucket_ms, dims)` and distinct.
+#[derive(Debug, Clone)]
+pub struct DrainedRows {
+    /// Index into `Config::rules`.
+    pub rule: usize,
+    accs_kind: Vec<Acc>,
+    /// Keys in `(bucket, dims)` order; `idx` points into `accs`.
+    keys: Vec<KeyRef>,
+    arena: Vec<u8>,
+    accs: Vec<i128>,
+}
+
+impl DrainedRows {
+    /// Rows held.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The rows at positions `range` (in sorted order), materialised.
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Vec<Row> {
+        let n = self.accs_kind.len();
+        self.keys[range]
+            .iter()
+            .map(|k| {
+                let (bucket_ms, dims) = decode_key(key_bytes(&self.arena, k));
+                let i = k.idx as usize;
+                let metrics = self
+                    .accs_kind
+                    .iter()
+                    .zip(&self.accs[i * n..(i + 1) * n])
+                    .map(|(&a, &v)| value(a, v))
+                    .collect();
+                Row {
+                    bucket_ms,
+                    dims,
+                    metrics,
+                }
+            })
+            .collect()
+    }
+
+    /// All rows, materialised.
+    pub fn into_rule_rows(self) -> RuleRows {
+        RuleRows {
+            rule: self.rule,
+            rows: self.rows(0..self.len()),
+        }
+    }
+}
+
+fn key_bytes<'a>(arena: &'a [u8], k: &KeyRef) -> &'a [u8] {
+    &arena[k.off as usize..(k.off + k.len) as usize]
+}
+
+/// The dims of an encoded key (after its 8 bucket bytes).
+fn key_dims(key: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut at = 8;
+    std::iter::from_fn(move || {
+        if at >= key.len() {
+            return None;
+        }
+        let len = usize::from(u16::from_le_bytes([key[at], key[at + 1]]));
+        let dim = &key[at + 2..at + 2 + len];
+        at += 2 + len;
+        Some(dim)
+    })
+}
+
+/// Orders encoded keys as their decoded `(bucket_ms, dims)` compare (UTF-8 text compares as
+/// its bytes), without decoding them.
+fn cmp_keys(a: &[u8], b: &[u8]) -> Ordering {
+    let bucket = |k: &[u8]| i64::from_le_bytes(k[..8].try_into().expect("8 bytes"));
+    bucket(a)
+        .cmp(&bucket(b))
+        .then_with(|| key_dims(a).cmp(key_dims(b)))
 }
 
 fn value(acc: Acc, v: i128) -> MetricValue {
@@ -421,14 +504,13 @@ fn value(acc: Acc, v: i128) -> MetricValue {
 
 fn decode_key(key: &[u8]) -> (i64, Vec<String>) {
     let bucket = i64::from_le_bytes(key[..8].try_into().expect("8 bytes"));
-    let mut dims = Vec::new();
-    let mut at = 8;
-    while at < key.len() {
-        let len = usize::from(u16::from_le_bytes([key[at], key[at + 1]]));
-        let s = std::str::from_utf8(&key[at + 2..at + 2 + len]).expect("keys hold normalised text");
-        dims.push(s.to_owned());
-        at += 2 + len;
-    }
+    let dims = key_dims(key)
+        .map(|d| {
+            std::str::from_utf8(d)
+                .expect("keys hold normalised text")
+                .to_owned()
+        })
+        .collect();
     (bucket, dims)
 }
 
@@ -944,6 +1026,47 @@ mod tests {
             m[0].rows[0].metrics,
             vec![MetricValue::Count(3), dec("2.5"), dec("3"), dec("-1")]
         );
+    }
+
+    #[test]
+    fn compact_drain_frees_and_chunks_like_drain() {
+        let rules = ad_rules();
+        let header = fields(&["ad", "ev", "bytes", "rt"]);
+        let fill = |agg: &mut Aggregator| {
+            for i in 0..500u64 {
+                let ad = format!("{}", (i * 7919) % 97);
+                let ev = ["view", "click", ""][(i % 3) as usize];
+                let t = 1_764_300_000_000 + (i % 4) * 60_000;
+                with_record(t, &[s(&ad), s(ev), s("3"), s("0.5")], |r| {
+                    agg.add_cached(1, &header, r)
+                });
+            }
+        };
+        let mut a = Aggregator::new(&rules);
+        let mut b = Aggregator::new(&rules);
+        fill(&mut a);
+        fill(&mut b);
+        let whole = a.drain();
+        let compact = b.drain_compact();
+        assert_eq!(b.pending_keys(), 0);
+        assert!(b.rules.iter().all(|st| st.tables.is_empty()
+            && st.arena.capacity() == 0
+            && st.accs.capacity() == 0
+            && st.keys.capacity() == 0));
+        assert_eq!(compact.len(), whole.len());
+        for (c, w) in compact.iter().zip(&whole) {
+            assert_eq!(c.rule, w.rule);
+            assert_eq!(c.len(), w.rows.len());
+            let mut chunked = Vec::new();
+            for start in (0..c.len()).step_by(37) {
+                chunked.extend(c.rows(start..(start + 37).min(c.len())));
+            }
+            assert_eq!(chunked, w.rows);
+        }
+        assert!(whole[0].rows.len() > 300, "{}", whole[0].rows.len());
+        // The emptied aggregator takes new keys.
+        fill(&mut b);
+        assert_eq!(b.drain(), whole);
     }
 
     // ---- properties ----

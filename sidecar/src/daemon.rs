@@ -26,7 +26,7 @@ use tokio::sync::{oneshot, Notify};
 use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::aggregate::{Aggregator, RuleRows};
+use crate::aggregate::{Aggregator, DrainedRows};
 use crate::binlog::{self, Binlog, BinlogRecord};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -84,7 +84,8 @@ fn entry(name: &str, p: Position) -> CheckpointEntry {
 /// Aggregates and the positions right after the records they hold.
 #[derive(Debug)]
 struct Drained {
-    rules: Vec<RuleRows>,
+    /// Compact until the store binds them: a batch is kept until it commits.
+    rules: Vec<DrainedRows>,
     positions: Vec<(String, Position)>,
     /// Oldest event time (ms) per segment among the drained records.
     oldest_ms: HashMap<String, u64>,
@@ -92,7 +93,7 @@ struct Drained {
 
 impl Drained {
     fn rows(&self) -> u64 {
-        self.rules.iter().map(|r| r.rows.len() as u64).sum()
+        self.rules.iter().map(|r| r.len() as u64).sum()
     }
 }
 
@@ -245,7 +246,7 @@ impl Reader {
         match cmd {
             Command::Drain { last, reply } => {
                 let drained = Drained {
-                    rules: self.aggregator.drain(),
+                    rules: self.aggregator.drain_compact(),
                     positions: self.tailer.positions(),
                     oldest_ms: std::mem::take(&mut self.oldest_ms),
                 };
@@ -501,8 +502,7 @@ impl Engine {
                 self.metrics.database_up.set(1);
                 for r in &batch.rules {
                     if let Some(rule) = self.config.rules.get(r.rule) {
-                        self.metrics
-                            .add_rows_upserted(&rule.table, r.rows.len() as u64);
+                        self.metrics.add_rows_upserted(&rule.table, r.len() as u64);
                     }
                 }
                 self.status.update(|s| {

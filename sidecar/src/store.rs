@@ -4,7 +4,9 @@
 //! node's checkpoint (an advisory lock), checks the checkpoint rows still hold the positions
 //! this process committed last (a compare-and-swap: a second sidecar with the same node, or a
 //! retried flush whose first COMMIT did land, is caught here instead of counting twice),
-//! upserts every rule's rows additively and moves the checkpoint, then commits.
+//! upserts every rule's rows additively and moves the checkpoint, then commits. Rows are
+//! upserted in chunks of 20,000 inside that transaction; a drained batch stays
+//! compact ([`UpsertRows`]) and only the chunk being bound exists as [`Row`]s.
 //!
 //! The SQL text and the shape comparison are plain functions of the configuration, so they are
 //! tested without a database; [`Store`] is the thin shell that runs them.
@@ -20,7 +22,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::aggregate::{Decimal, MetricValue, Row, RuleRows};
+use crate::aggregate::{Decimal, DrainedRows, MetricValue, Row, RuleRows};
 use crate::config::{Config, MetricKind, Rule};
 
 /// The checkpoint table's name.
@@ -497,6 +499,70 @@ fn prepare_rows<'r>(rule: &Rule, rows: &'r [Row]) -> Cow<'r, [Row]> {
     Cow::Owned(out)
 }
 
+/// One rule's rows for a flush: the aggregator's compact [`DrainedRows`] (the daemon), or
+/// plain [`RuleRows`] (tests, tools). Either way the store upserts them a chunk at a time.
+pub trait UpsertRows: Sync {
+    /// Index into `Config::rules`.
+    fn rule(&self) -> usize;
+    /// Rows held (before equal keys are merged).
+    fn row_count(&self) -> usize;
+    /// The rows sorted by key with equal keys merged, at most `chunk` at a time. Only one
+    /// chunk need exist as [`Row`]s at once.
+    fn sorted_chunks<'a>(
+        &'a self,
+        rule: &'a Rule,
+        chunk: usize,
+    ) -> Box<dyn Iterator<Item = Cow<'a, [Row]>> + Send + 'a>;
+}
+
+impl UpsertRows for RuleRows {
+    fn rule(&self) -> usize {
+        self.rule
+    }
+
+    fn row_count(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn sorted_chunks<'a>(
+        &'a self,
+        rule: &'a Rule,
+        chunk: usize,
+    ) -> Box<dyn Iterator<Item = Cow<'a, [Row]>> + Send + 'a> {
+        match prepare_rows(rule, &self.rows) {
+            Cow::Borrowed(rows) => Box::new(rows.chunks(chunk).map(Cow::Borrowed)),
+            Cow::Owned(rows) => {
+                let chunks: Vec<Vec<Row>> = rows.chunks(chunk).map(<[Row]>::to_vec).collect();
+                Box::new(chunks.into_iter().map(Cow::Owned))
+            }
+        }
+    }
+}
+
+impl UpsertRows for DrainedRows {
+    fn rule(&self) -> usize {
+        self.rule
+    }
+
+    fn row_count(&self) -> usize {
+        self.len()
+    }
+
+    /// Already sorted and distinct: each chunk is built from the compact form on demand.
+    fn sorted_chunks<'a>(
+        &'a self,
+        _rule: &'a Rule,
+        chunk: usize,
+    ) -> Box<dyn Iterator<Item = Cow<'a, [Row]>> + Send + 'a> {
+        let len = self.len();
+        Box::new(
+            (0..len)
+                .step_by(chunk.max(1))
+                .map(move |start| Cow::Owned(self.rows(start..(start + chunk).min(len)))),
+        )
+    }
+}
+
 /// Rows per upsert statement. A flush of many rows runs several statements in its one
 /// transaction, so the encoded parameters never hold more than this many rows at once.
 const UPSERT_CHUNK: usize = 20_000;
@@ -878,7 +944,7 @@ impl Store {
     /// [`StoreError::CheckpointConflict`].
     pub async fn flush(
         &mut self,
-        rules: &[RuleRows],
+        rules: &[impl UpsertRows],
         positions: &[CheckpointEntry],
         previous: &HashMap<String, CheckpointEntry>,
     ) -> Result<FlushOutcome, StoreError> {
@@ -913,17 +979,16 @@ impl Store {
             }
         }
         for rule_rows in rules {
-            if rule_rows.rows.is_empty() {
+            if rule_rows.row_count() == 0 {
                 continue;
             }
-            let Some(rule) = self.rules.get(rule_rows.rule) else {
+            let Some(rule) = self.rules.get(rule_rows.rule()) else {
                 continue;
             };
-            let rows = prepare_rows(rule, &rule_rows.rows);
-            for chunk in rows.chunks(UPSERT_CHUNK) {
-                let params = rule_params(rule, chunk);
+            for chunk in rule_rows.sorted_chunks(rule, UPSERT_CHUNK) {
+                let params = rule_params(rule, &chunk);
                 tx.execute_raw(
-                    &self.upserts[rule_rows.rule],
+                    &self.upserts[rule_rows.rule()],
                     params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)),
                 )
                 .await

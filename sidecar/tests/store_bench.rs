@@ -9,7 +9,8 @@
 //!   first as fresh inserts, then as additive updates of the same keys. Target ≤ 1 s.
 //! - `rss_per_pending_key`: the real `logtally` binary holding N pending keys (flush
 //!   interval of an hour, so nothing leaves memory), its resident set size against N.
-//!   Target ≤ 50 MiB + 200 B per pending key.
+//!   Target ≤ 50 MiB + 200 B per pending key, the peak during the final flush included (the
+//!   drained batch stays in the aggregator's compact form; rows exist a chunk at a time).
 
 use std::collections::HashMap;
 use std::path::Path;
