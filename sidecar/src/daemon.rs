@@ -570,18 +570,7 @@ impl Engine {
             self.append_binlog(&record);
         }
 
-        let committed: Vec<(String, Position)> = all
-            .iter()
-            .map(|e| {
-                (
-                    e.segment.clone(),
-                    Position {
-                        offset: e.offset,
-                        finished: e.finished,
-                    },
-                )
-            })
-            .collect();
+        let committed: Vec<(String, Position)> = all.iter().map(segment_position).collect();
         let removed = reader.committed(committed).await?;
         self.to_forget.extend(removed);
         if !self.to_forget.is_empty() {
@@ -632,19 +621,8 @@ impl Engine {
             let o = oldest.entry(name.as_str()).or_insert(*t);
             *o = (*o).min(*t);
         }
-        let committed: HashMap<String, Position> = self
-            .committed
-            .values()
-            .map(|e| {
-                (
-                    e.segment.clone(),
-                    Position {
-                        offset: e.offset,
-                        finished: e.finished,
-                    },
-                )
-            })
-            .collect();
+        let committed: HashMap<String, Position> =
+            self.committed.values().map(segment_position).collect();
         let oldest: HashMap<String, u64> = oldest
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
@@ -725,19 +703,8 @@ async fn run_loop(
         return Ok(());
     }
     // The database checkpoint is the truth: resume every segment where it says.
-    let start: HashMap<String, Position> = engine
-        .committed
-        .values()
-        .map(|e| {
-            (
-                e.segment.clone(),
-                Position {
-                    offset: e.offset,
-                    finished: e.finished,
-                },
-            )
-        })
-        .collect();
+    let start: HashMap<String, Position> =
+        engine.committed.values().map(segment_position).collect();
     // Finished segments whose files are gone will never be read again.
     engine.to_forget = engine
         .committed
@@ -842,6 +809,15 @@ async fn final_flush(engine: &mut Engine, reader: &ReaderHandle) {
             "final flush did not commit in time; the spool keeps the uncommitted events"
         ),
     }
+}
+
+/// A committed checkpoint row as the tailer's `(segment, position)`.
+fn segment_position(e: &CheckpointEntry) -> (String, Position) {
+    let position = Position {
+        offset: e.offset,
+        finished: e.finished,
+    };
+    (e.segment.clone(), position)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ fn event(i: usize, numbers: &[String], out: &mut Vec<u8>) {
         1_764_300_000_000 + i as u64,
         [
             Some(ad.as_bytes()),
-            Some(if i % 7 == 0 {
+            Some(if i.is_multiple_of(7) {
                 &b"click"[..]
             } else {
                 &b"view"[..]

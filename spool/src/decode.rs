@@ -107,7 +107,8 @@ fn checked_len(buf: &[u8]) -> Option<usize> {
     let len_bytes: [u8; 4] = buf[0..4].try_into().expect("4 bytes");
     let check = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
     let len = u32::from_le_bytes(len_bytes) as usize;
-    (len >= 1 && len <= MAX_PAYLOAD_LEN && crate::length_check(len as u32) == check).then_some(len)
+    ((1..=MAX_PAYLOAD_LEN).contains(&len) && crate::length_check(len as u32) == check)
+        .then_some(len)
 }
 
 /// Whether a frame may start at `buf[0]`, as far as the bytes present can tell.

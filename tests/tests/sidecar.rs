@@ -237,7 +237,7 @@ fn wait_for_totals(db: &Db, expected: &Totals, site: &Site, limit: Duration) {
     let deadline = Instant::now() + limit;
     let mut last = Totals::new();
     while Instant::now() < deadline {
-        if let Ok(t) = totals(&db) {
+        if let Ok(t) = totals(db) {
             if &t == expected {
                 return;
             }
@@ -327,7 +327,7 @@ fn a_million_events_over_four_segments_two_growing_add_up_exactly() {
             Duration::ZERO,
         );
     }
-    let config = site.config(&db.url());
+    let config = site.config(db.url());
     let sidecar = start_sidecar(&site, &config);
     // Two more grow while it reads, from live "writers", then seal.
     let (w1, w2) = (FakeWriter::start(), FakeWriter::start());
@@ -386,7 +386,7 @@ fn twenty_kill_nines_during_ingest_count_every_event_once() {
     let pg = TestPostgres::start();
     let db = Db::create(&pg);
     let site = Site::new();
-    let config = site.config(&db.url());
+    let config = site.config(db.url());
     let spool = site.spool.clone();
     // The writer runs through all the kills: three segments, one after another, growing.
     let ingest = std::thread::spawn(move || {
@@ -439,7 +439,7 @@ fn a_ten_second_database_outage_loses_and_doubles_nothing() {
     let site = Site::new();
     // A low key bound (the workload has 600 keys): while the database is away the reader
     // must pause and the spool hold the rest.
-    let config = site.config_with(&db.url(), "max_pending_keys = 100", RULE);
+    let config = site.config_with(db.url(), "max_pending_keys = 100", RULE);
     let sidecar = start_sidecar(&site, &config);
     let spool = site.spool.clone();
     let ingest = std::thread::spawn(move || {
@@ -493,7 +493,7 @@ fn connections_killed_mid_transaction_count_nothing_twice() {
     let pg = TestPostgres::start();
     let db = Db::create(&pg);
     let site = Site::new();
-    let config = site.config(&db.url());
+    let config = site.config(db.url());
     let sidecar = start_sidecar(&site, &config);
     let spool = site.spool.clone();
     let ingest = std::thread::spawn(move || {
@@ -736,7 +736,7 @@ fn corrupt_records_and_torn_tails_are_counted_and_skipped_the_rest_exact() {
     // A live writer's segment with a torn tail: waited for, not an error (yet).
     let live = FakeWriter::start();
     hand_segment(&site.spool, live.pid(), 2, &mut load, 500, &[], true);
-    let config = site.config(&db.url());
+    let config = site.config(db.url());
     let sidecar = start_sidecar(&site, &config);
     wait_for_totals(&db, &load.expected, &site, Duration::from_secs(60));
     // Two corrupt runs (300-301 adjacent, 700) and, once the dead writer's segment is
@@ -778,25 +778,25 @@ fn check_names_what_is_wrong_with_a_configuration() {
     let pg = TestPostgres::start();
     let db = Db::create(&pg);
     let site = Site::new();
-    let (ok, out) = check(&site.config(&db.url()));
+    let (ok, out) = check(&site.config(db.url()));
     assert!(ok, "a good configuration must pass: {out}");
 
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "unknown key",
-            site_config_text(&site, &db.url(), "colour = \"red\"", RULE),
+            site_config_text(&site, db.url(), "colour = \"red\"", RULE),
             "colour",
         ),
         (
             "bad duration",
-            site_config_text(&site, &db.url(), "retain = \"5 parsecs\"", RULE),
+            site_config_text(&site, db.url(), "retain = \"5 parsecs\"", RULE),
             "retain",
         ),
         (
             "metric function on an unknown field",
             site_config_text(
                 &site,
-                &db.url(),
+                db.url(),
                 "",
                 &RULE.replace("max(bytes)", "max(by tes)"),
             ),
@@ -806,7 +806,7 @@ fn check_names_what_is_wrong_with_a_configuration() {
             "table name with a quote",
             site_config_text(
                 &site,
-                &db.url(),
+                db.url(),
                 "",
                 &RULE.replace("ad_events_1m", "ad\\\"x"),
             ),
@@ -816,7 +816,7 @@ fn check_names_what_is_wrong_with_a_configuration() {
             "table name with a semicolon",
             site_config_text(
                 &site,
-                &db.url(),
+                db.url(),
                 "",
                 &RULE.replace("ad_events_1m", "t; drop table x"),
             ),
@@ -842,12 +842,11 @@ fn check_names_what_is_wrong_with_a_configuration() {
     // failure; once a segment declares [ad, ev, bytes], a rule on `rtt` or `cmp` fails.
     let unknown_metric = site_config_text(
         &site,
-        &db.url(),
+        db.url(),
         "",
         &RULE.replace("bytes_max = \"max(bytes)\"", "x = \"max(rtt)\""),
     );
-    let unknown_group =
-        site_config_text(&site, &db.url(), "", &RULE.replace("\"ev\"]", "\"cmp\"]"));
+    let unknown_group = site_config_text(&site, db.url(), "", &RULE.replace("\"ev\"]", "\"cmp\"]"));
     let path = site.dir.path().join("fields.toml");
     std::fs::write(&path, &unknown_metric).unwrap();
     let (ok, out) = check(&path);
@@ -886,7 +885,7 @@ fn check_names_what_is_wrong_with_a_configuration() {
         );
         assert!(!out.contains("configuration OK"), "{what}:\n{out}");
     }
-    let (ok, out) = check(&site.config(&db.url()));
+    let (ok, out) = check(&site.config(db.url()));
     assert!(ok, "the good configuration against the same spool:\n{out}");
     assert!(out.contains("found in 1 segment(s)"), "{out}");
 
@@ -917,7 +916,7 @@ fn refuses_to_start_on_a_table_of_the_wrong_shape() {
          bytes_max numeric, PRIMARY KEY (bucket, ad, ev))",
     );
     let site = Site::new();
-    let config = site.config(&db.url());
+    let config = site.config(db.url());
     let (ok, out) = check(&config);
     assert!(
         !ok && out.contains("column events is integer, expected bigint"),
