@@ -336,19 +336,12 @@ impl Aggregator {
     /// call's (callers give each segment a distinct id, e.g. the tailer's segment id).
     #[inline]
     pub fn add_cached(&mut self, segment: u64, header_fields: &[String], record: &Record<'_>) {
-        if self.cached.as_ref().is_none_or(|(id, _)| *id != segment) {
-            self.cached = Some((segment, self.layout(header_fields)));
-        }
-        let layout = &self.cached.as_ref().expect("set above").1;
-        add_with(
-            &mut self.rules,
-            &self.hasher,
-            &mut self.key,
-            &mut self.text,
-            layout,
-            record,
-        );
-        self.events += 1;
+        let layout = match self.cached.take() {
+            Some((id, layout)) if id == segment => layout,
+            _ => self.layout(header_fields),
+        };
+        self.add(&layout, record);
+        self.cached = Some((segment, layout));
     }
 
     /// Distinct keys pending, summed over all rules.
