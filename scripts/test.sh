@@ -21,6 +21,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: install them with: apt-get install -y ${missing[*]}" >&2
   exit 1
 fi
+# rustup's cargo, also when the caller's PATH lacks it (CI runs with a plain environment).
+[ -d "${HOME:-/root}/.cargo/bin" ] && PATH="${HOME:-/root}/.cargo/bin:$PATH"
 command -v cargo >/dev/null || { echo "test.sh: cargo not found (install Rust with rustup)" >&2; exit 1; }
 
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
