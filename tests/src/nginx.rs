@@ -64,6 +64,16 @@ impl NginxBuild {
             "no module at {}: run scripts/nginx-build.sh module (or vendored)",
             module.display()
         );
+        let rebuild = if vendored {
+            "scripts/nginx-build.sh vendored"
+        } else {
+            "scripts/nginx-build.sh module"
+        };
+        crate::freshness::assert_fresh(
+            &module,
+            &["ngx-module/src", "ngx-module/build.rs", "spool/src"],
+            rebuild,
+        );
         NginxBuild { nginx, module }
     }
 }

@@ -2,7 +2,8 @@
 //! tests' own queries.
 //!
 //! The binary is `$LOGTALLY_BIN`, else the newest of `target/{release,debug}/logtally`
-//! (`scripts/test.sh` builds it first).
+//! (`scripts/test.sh` builds it first); either way it must be newer than the sources it is
+//! built from ([`crate::freshness`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,16 @@ use crate::prometheus::http_get;
 
 /// Where the `logtally` binary is.
 pub fn logtally_bin() -> PathBuf {
+    let bin = find_logtally_bin();
+    crate::freshness::assert_fresh(
+        &bin,
+        &["sidecar/src", "spool/src"],
+        "cargo build --release -p logtally",
+    );
+    bin
+}
+
+fn find_logtally_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("LOGTALLY_BIN") {
         return PathBuf::from(p);
     }
