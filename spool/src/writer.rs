@@ -56,6 +56,8 @@ pub struct AppendError {
     /// frames written before the write failed (or the whole batch, if sealing after it
     /// failed). The caller counts the rest as dropped and reports it in a later drop marker.
     pub written: FrameCounts,
+    /// The segment abandoned, if one was open (or had just been created).
+    pub abandoned: Option<PathBuf>,
 }
 
 impl From<AppendError> for io::Error {
@@ -375,28 +377,34 @@ impl SegmentWriter {
             return Ok(None);
         }
         self.drop_if_unlinked();
+        let segment_size = self.config.segment_size;
         let seg = match self.current {
             Some(ref mut seg) => seg,
             None => self.open(now_ms).map_err(|source| AppendError {
                 source,
                 written: FrameCounts::default(),
+                abandoned: None,
             })?,
         };
         if let Err((source, done)) = write_all_counted(&mut seg.file, frames) {
+            let abandoned = Some(seg.path.clone());
             self.abandon();
             return Err(AppendError {
                 source,
                 written: count_frames(&frames[..done]),
+                abandoned,
             });
         }
         seg.len += frames.len() as u64;
         seg.events += events;
         seg.dropped += dropped;
         seg.unsynced = true;
-        if seg.len >= self.config.segment_size {
+        if seg.len >= segment_size {
+            let path = seg.path.clone();
             return self.seal(now_ms).map_err(|source| AppendError {
                 source,
                 written: FrameCounts { events, dropped },
+                abandoned: Some(path),
             });
         }
         Ok(None)
