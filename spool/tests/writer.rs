@@ -367,12 +367,17 @@ fn child_process_helper() {
 }
 
 #[test]
-fn a_deleted_segment_is_noticed_at_the_next_append() {
+fn a_deleted_segment_is_noticed_at_the_first_append_a_second_later() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut w, first, reader) = live_writer(dir.path(), 2);
+    let (mut w, first, reader) = live_writer(dir.path(), 2); // at t = 1 ms
     assert!(w.take_unlinked().is_none());
     std::fs::remove_file(&first).unwrap();
-    w.append(&events(2, 3), 3, 0, 2).unwrap();
+    // Within the second: still writing into the deleted file.
+    w.append(&events(2, 1), 1, 0, 1_000).unwrap();
+    assert!(w.take_unlinked().is_none());
+    assert_eq!(w.current_path(), Some(first.as_path()));
+    assert_eq!(writer_lock_state(&reader).unwrap(), WriterLock::Held);
+    w.append(&events(3, 3), 3, 0, 1_001).unwrap();
     let unlinked = w.take_unlinked().expect("deletion noticed");
     assert_eq!((unlinked.count, unlinked.last), (1, first));
     assert!(w.take_unlinked().is_none());
@@ -381,7 +386,17 @@ fn a_deleted_segment_is_noticed_at_the_next_append() {
     let paths = segment_paths(dir.path());
     assert_eq!(paths.len(), 1);
     assert_eq!(w.current_path(), Some(paths[0].as_path()));
-    assert_eq!(read_segment(&paths[0]).times, vec![2, 3, 4]);
+    assert_eq!(read_segment(&paths[0]).times, vec![3, 4, 5]);
+}
+
+#[test]
+fn a_clock_stepping_back_checks_the_link_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = SegmentWriter::new(config(dir.path(), 1 << 20)).unwrap();
+    w.append(&events(0, 1), 1, 0, 5_000).unwrap();
+    std::fs::remove_file(w.current_path().unwrap()).unwrap();
+    w.append(&events(1, 1), 1, 0, 4_999).unwrap();
+    assert_eq!(w.take_unlinked().map(|u| u.count), Some(1));
 }
 
 #[test]
