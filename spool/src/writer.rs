@@ -222,8 +222,15 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Links `temp` under a free segment name (never replacing a file: another writer with the
-/// same pid in another pid namespace may use the same names), bumping `seq` until one is.
+/// Whether `link(2)` failed because the file system has no hard links (EPERM, EOPNOTSUPP).
+fn no_hard_links(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(1 | 95))
+}
+
+/// Gives `temp` a free segment name, bumping `seq` until one is: a hard link, which never
+/// replaces a file (another writer with the same pid, in another pid namespace, may use the
+/// same names). Where the file system has no hard links (vfat, some FUSE), a rename after
+/// checking the name is free: only two such writers in the same millisecond could collide.
 fn link_free_name(
     temp: &Path,
     config: &SegmentWriterConfig,
@@ -232,11 +239,21 @@ fn link_free_name(
 ) -> io::Result<PathBuf> {
     loop {
         let path = config.dir.join(segment_file_name(now_ms, config.pid, *seq));
-        match std::fs::hard_link(temp, &path) {
+        let taken = match std::fs::hard_link(temp, &path) {
             Ok(()) => return Ok(path),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => *seq += 1,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => true,
+            Err(e) if no_hard_links(&e) => match std::fs::symlink_metadata(&path) {
+                Ok(_) => true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => return Err(e),
+            },
             Err(e) => return Err(e),
+        };
+        if !taken {
+            std::fs::rename(temp, &path)?;
+            return Ok(path);
         }
+        *seq += 1;
     }
 }
 

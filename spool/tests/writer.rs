@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use logtally_spool::{
     decode_header, encode_drop_marker, encode_event, is_segment_file_name,
     is_segment_temp_file_name, remove_stale_temp_files, spool_file_system, writer_lock_state,
-    FileSystemKind, Frame, ScanItem, SegmentScan, SegmentWriter, SegmentWriterConfig, WriterLock,
+    AppendError, FileSystemKind, Frame, ScanItem, SegmentScan, SegmentWriter, SegmentWriterConfig,
+    WriterLock,
 };
 
 const CHILD_ROLE: &str = "LOGTALLY_WRITER_TEST_ROLE";
@@ -293,27 +294,61 @@ fn a_failed_write_never_shrinks_the_segment_and_every_event_is_stored_or_dropped
     assert!(dropped > 0 && torn > 0 && unsealed as u64 >= failures);
 }
 
-/// The module's accounting, as `ngx-module/src/writer.rs` does it: batches of events, a
-/// drop marker for what earlier failures lost. Asserts a failed write leaves its segment
-/// at least as long as before and the next append goes to a new segment.
-fn fill_with_failures(dir: &Path) {
-    let mut w = SegmentWriter::new(config(dir, 1 << 20)).unwrap();
-    let (mut carried, mut failures, mut partial) = (0u64, 0u64, 0u64);
-    let mut next = 0u64;
-    let mut failed_in: Option<PathBuf> = None;
-    while next < FILL_EVENTS || carried > 0 {
-        let n = 7.min(FILL_EVENTS - next);
-        let mut batch = events(next, n);
-        next += n;
-        if carried > 0 {
-            encode_drop_marker(&mut batch, next, carried);
+/// The module's accounting, as `ngx-module/src/writer.rs` does it: batches of events with
+/// ids `0..`, a drop marker for what earlier failures lost.
+#[derive(Debug, Default)]
+struct Sender {
+    /// Events sent so far (the next id).
+    sent: u64,
+    /// Dropped events not yet in a marker in the spool.
+    carried: u64,
+}
+
+impl Sender {
+    /// Appends the next `n` events (and a marker for carried drops). On error, checks that
+    /// what the error says is in the spool is there, at the end of the abandoned segment,
+    /// which is at least as long as before, its lock free.
+    fn send(&mut self, w: &mut SegmentWriter, n: u64) -> Result<(), AppendError> {
+        let first = self.sent;
+        let mut batch = events(first, n);
+        self.sent += n;
+        if self.carried > 0 {
+            encode_drop_marker(&mut batch, self.sent, self.carried);
         }
         let before = w
             .current_path()
             .map(|p| (p.to_path_buf(), std::fs::metadata(p).unwrap().len()));
-        match w.append(&batch, n, carried, next) {
+        let e = match w.append(&batch, n, self.carried, self.sent) {
             Ok(_) => {
-                carried = 0;
+                self.carried = 0;
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        self.carried = self.carried - e.written.dropped + n - e.written.events;
+        assert!(w.current_path().is_none());
+        if let Some(abandoned) = &e.abandoned {
+            if let Some((path, len)) = before.filter(|(p, _)| p == abandoned) {
+                assert!(std::fs::metadata(&path).unwrap().len() >= len, "cut back");
+            }
+            let kept: Vec<u64> = (first..first + e.written.events).collect();
+            assert!(read_segment(abandoned).times.ends_with(&kept), "cut back");
+            assert_eq!(lock_of(abandoned), WriterLock::Free);
+        }
+        Err(e)
+    }
+}
+
+/// Sends `FILL_EVENTS` under a file size limit; asserts each failed write is EFBIG and the
+/// next append goes to a new segment.
+fn fill_with_failures(dir: &Path) {
+    let mut w = SegmentWriter::new(config(dir, 1 << 20)).unwrap();
+    let mut sender = Sender::default();
+    let (mut failures, mut partial) = (0u64, 0u64);
+    let mut failed_in: Option<PathBuf> = None;
+    while sender.sent < FILL_EVENTS || sender.carried > 0 {
+        match sender.send(&mut w, 7.min(FILL_EVENTS - sender.sent)) {
+            Ok(()) => {
                 if let Some(failed) = failed_in.take() {
                     assert_ne!(w.current_path(), Some(failed.as_path()));
                 }
@@ -322,27 +357,95 @@ fn fill_with_failures(dir: &Path) {
                 assert_eq!(e.source.raw_os_error(), Some(27), "EFBIG expected: {e}");
                 failures += 1;
                 partial += u64::from(e.written.events > 0);
-                carried = carried - e.written.dropped + n - e.written.events;
-                let abandoned = e.abandoned.expect("a segment was open");
-                if let Some((path, len)) = before.filter(|(p, _)| *p == abandoned) {
-                    assert!(std::fs::metadata(&path).unwrap().len() >= len, "cut back");
-                }
-                // What the error says is in the spool is there, at the segment's end.
-                let first = next - n;
-                let kept: Vec<u64> = (first..first + e.written.events).collect();
-                assert!(read_segment(&abandoned).times.ends_with(&kept), "cut back");
-                assert!(w.current_path().is_none());
-                assert_eq!(lock_of(&abandoned), WriterLock::Free);
-                failed_in = Some(abandoned);
+                failed_in = Some(e.abandoned.expect("a segment was open"));
             }
         }
     }
     // The seal itself may not fit under the limit: the segment is abandoned then, whole.
-    if let Err(e) = w.seal(next) {
+    if let Err(e) = w.seal(sender.sent) {
         assert_eq!(e.raw_os_error(), Some(27), "EFBIG expected: {e}");
     }
     println!("failures {failures}");
     println!("partial {partial}");
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct SmallTmpfs(tempfile::TempDir);
+
+impl SmallTmpfs {
+    fn mount(size: &str) -> SmallTmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs and needs root (CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallTmpfs(dir)
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// What a reader finishes and deletes to make room: segments whose lock is free.
+fn read_and_delete_finished(dir: &Path, stored: &mut BTreeSet<u64>, dropped: &mut u64) {
+    for path in segment_paths(dir) {
+        let file = File::open(&path).unwrap();
+        if writer_lock_state(&file).unwrap() == WriterLock::Free {
+            let c = read_segment(&path);
+            for t in c.times {
+                assert!(stored.insert(t), "event {t} twice");
+            }
+            *dropped += c.dropped;
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_full_disk_abandons_the_segment_and_writing_resumes_once_a_reader_frees_space() {
+    let fs = SmallTmpfs::mount("64k");
+    let dir = fs.0.path();
+    let mut w = SegmentWriter::new(config(dir, 1 << 20)).unwrap();
+    let mut sender = Sender::default();
+    let full = loop {
+        assert!(sender.sent < 100_000, "a 64 KiB tmpfs never filled");
+        if let Err(e) = sender.send(&mut w, 7) {
+            break e;
+        }
+    };
+    assert_eq!(
+        full.source.raw_os_error(),
+        Some(28),
+        "ENOSPC expected: {full}"
+    );
+    let abandoned = full.abandoned.expect("the open segment");
+    // Still full: no new segment can start, and none is left half made.
+    let e = sender.send(&mut w, 7).unwrap_err();
+    assert_eq!((e.abandoned, e.written.events), (None, 0));
+    assert_eq!(segment_paths(dir), vec![abandoned.clone()]);
+    assert!(
+        std::fs::read_dir(dir).unwrap().count() == 1,
+        "temporary file left"
+    );
+
+    let (mut stored, mut dropped) = (BTreeSet::new(), 0);
+    read_and_delete_finished(dir, &mut stored, &mut dropped);
+    assert!(!stored.is_empty());
+    sender.send(&mut w, 7).unwrap();
+    assert_ne!(w.current_path(), Some(abandoned.as_path()));
+    w.seal(sender.sent).unwrap();
+    read_and_delete_finished(dir, &mut stored, &mut dropped);
+    assert!(dropped >= 7, "the failed batches' events are in a marker");
+    assert_eq!(stored.len() as u64 + dropped, sender.sent);
 }
 
 /// Not a test by itself: the body of the child processes the tests above start.
