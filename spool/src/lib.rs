@@ -12,14 +12,21 @@
 mod decode;
 mod encode;
 mod header;
+mod lock;
 mod varint;
 mod writer;
 
 pub use decode::{decode_frame, Decoded, Frame, Record, ScanItem, SegmentScan, Values};
 pub use encode::{encode_drop_marker, encode_event, encode_seal, EncodedEvent};
 pub use header::{decode_header, encode_header, HeaderError, SegmentHeader};
+pub use lock::{
+    classify_file_system, spool_file_system, writer_lock_state, FileSystemKind, WriterLock,
+};
 pub use writer::{
     is_segment_file_name, segment_file_name, SegmentWriter, SegmentWriterConfig, WrittenSegment,
+};
+pub use writer::{
+    is_segment_temp_file_name, remove_stale_temp_files, AppendError, FrameCounts, UnlinkedSegments,
 };
 
 /// First bytes of every segment file.
