@@ -11,9 +11,12 @@
 
 #[path = "../src/aggregate/hll.rs"]
 mod hll;
+#[path = "../src/aggregate/quantiles.rs"]
+mod quantiles;
 
 use hll::Hll;
 use logtally_e2e::postgres::TestPostgres;
+use quantiles::{Quantiles, QuantilesParts};
 use tokio_postgres::{Client, NoTls};
 
 async fn client(url: &str) -> Client {
@@ -161,4 +164,293 @@ async fn hll_merge_equals_hll_union() {
         other_way.merge(&a);
         assert_eq!(other_way.encode(), of_sql, "case {k}: b ∪ a");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Quantiles
+
+const QUANTILES_SQL: &str = include_str!("../src/db/quantiles.sql");
+
+async fn quantiles_database(pg: &TestPostgres) -> Client {
+    let db = client(&pg.create_database().await).await;
+    db.batch_execute(QUANTILES_SQL).await.unwrap();
+    // Installing twice is harmless (the sidecar does it at every start).
+    db.batch_execute(QUANTILES_SQL).await.unwrap();
+    db
+}
+
+/// A deterministic generator (xorshift64*): the test makes its values, so it knows the truth.
+struct Rng(u64);
+impl Rng {
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        ((self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.unit(), self.unit());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+    }
+}
+
+/// Request-time-like distributions (seconds with microsecond resolution, as nginx writes).
+fn distributions(n: usize) -> Vec<(&'static str, Vec<f64>)> {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let micros = |x: f64| (x * 1e6).round().max(1.0) / 1e6;
+    let uniform = (0..n).map(|_| micros(rng.unit() * 2.0)).collect();
+    let log_normal = (0..n)
+        .map(|_| micros((rng.normal() * 1.5 - 4.0).exp()))
+        .collect();
+    let two_peaks = (0..n)
+        .map(|i| {
+            let centre = if i % 4 == 0 { 1.2 } else { 0.003 };
+            micros(centre * (1.0 + 0.1 * rng.normal()).abs())
+        })
+        .collect();
+    vec![
+        ("uniform", uniform),
+        ("log-normal", log_normal),
+        ("two peaks", two_peaks),
+    ]
+}
+
+fn sketch_of(values: &[f64]) -> Quantiles {
+    let mut s = Quantiles::new(quantiles::DEFAULT_ALPHA).unwrap();
+    for &v in values {
+        s.insert(v);
+    }
+    s
+}
+
+async fn parts_of(
+    db: &Client,
+    expr: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> QuantilesParts {
+    let row = db
+        .query_one(
+            &format!(
+                "SELECT (m).alpha, (m).zero, (m).pos_keys, (m).pos_counts, (m).neg_keys, (m).neg_counts
+                 FROM (SELECT {expr} AS m) AS x"
+            ),
+            params,
+        )
+        .await
+        .unwrap();
+    QuantilesParts {
+        alpha: row.get(0),
+        zero: row.get(1),
+        pos_keys: row.get(2),
+        pos_counts: row.get(3),
+        neg_keys: row.get(4),
+        neg_counts: row.get(5),
+    }
+}
+
+/// `logtally_quantile` over the Rust sketch gives the Rust estimate (to the bit), and both are
+/// within α of PostgreSQL's own `percentile_disc` over the raw values (±1 rank).
+#[tokio::test]
+async fn quantile_sql_equals_rust_and_percentile_disc() {
+    let pg = TestPostgres::start();
+    let db = quantiles_database(&pg).await;
+    let alpha = quantiles::DEFAULT_ALPHA;
+    for (name, values) in distributions(20_000) {
+        db.batch_execute("DROP TABLE IF EXISTS raw; CREATE TABLE raw (v float8 NOT NULL)")
+            .await
+            .unwrap();
+        db.execute("INSERT INTO raw SELECT unnest($1::float8[])", &[&values])
+            .await
+            .unwrap();
+        let sorted: Vec<f64> = db
+            .query("SELECT v FROM raw ORDER BY v", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let s = sketch_of(&values);
+        let literal = s.to_sql_literal();
+        for q in [0.0, 0.01, 0.25, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0] {
+            let row = db
+                .query_one(
+                    "SELECT logtally_quantile($1::text::logtally_quantiles, $2),
+                            (SELECT percentile_disc($2) WITHIN GROUP (ORDER BY v) FROM raw)",
+                    &[&literal, &q],
+                )
+                .await
+                .unwrap();
+            let (sql, disc): (f64, f64) = (row.get(0), row.get(1));
+            let rust = s.quantile(q).unwrap();
+            assert_eq!(
+                sql.to_bits(),
+                rust.to_bits(),
+                "{name} q {q}: SQL {sql} vs Rust {rust}"
+            );
+            let disc_rank = ((q * sorted.len() as f64).ceil() as usize).max(1) - 1;
+            assert_eq!(
+                sorted[disc_rank], disc,
+                "{name} q {q}: percentile_disc's rank"
+            );
+            let lo = disc_rank.saturating_sub(1);
+            let hi = (disc_rank + 1).min(sorted.len() - 1);
+            let ok = sorted[lo..=hi]
+                .iter()
+                .any(|&exact| (rust - exact).abs() <= alpha * exact.abs() * (1.0 + 1e-12));
+            assert!(ok, "{name} q {q}: estimate {rust}, percentile_disc {disc}");
+        }
+        // Empty and out-of-range reads are NULL.
+        let row = db
+            .query_one(
+                "SELECT logtally_quantile($1::text::logtally_quantiles, 1.5),
+                        logtally_quantile('(0.01,0,{},{},{},{})'::logtally_quantiles, 0.5)",
+                &[&literal],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (row.get::<_, Option<f64>>(0), row.get::<_, Option<f64>>(1)),
+            (None, None)
+        );
+    }
+}
+
+/// Upserts that merge with `logtally_quantiles_add` and the aggregate
+/// `logtally_quantiles_merge` over rows give exactly the Rust merge.
+#[tokio::test]
+async fn quantiles_upsert_and_merge_aggregate_equal_rust_merge() {
+    let pg = TestPostgres::start();
+    let db = quantiles_database(&pg).await;
+    db.batch_execute("CREATE TABLE t (k int PRIMARY KEY, rt logtally_quantiles NOT NULL)")
+        .await
+        .unwrap();
+    let mut all = Quantiles::new(quantiles::DEFAULT_ALPHA).unwrap();
+    let mut per_key: Vec<Quantiles> = (0..5)
+        .map(|_| Quantiles::new(quantiles::DEFAULT_ALPHA).unwrap())
+        .collect();
+    let mut rng = Rng(7);
+    for (flush, (_, values)) in distributions(3_000).into_iter().enumerate() {
+        // Each "flush" writes one part per key; some values negative or zero.
+        for (k, chunk) in values.chunks(values.len() / 5).take(5).enumerate() {
+            let part: Vec<f64> = chunk
+                .iter()
+                .map(|&v| match rng.unit() {
+                    u if u < 0.05 => -v,
+                    u if u < 0.08 => 0.0,
+                    _ => v,
+                })
+                .collect();
+            let s = sketch_of(&part);
+            db.execute(
+                "INSERT INTO t AS t (k, rt) VALUES ($1, $2::text::logtally_quantiles)
+                 ON CONFLICT (k) DO UPDATE SET rt = logtally_quantiles_add(t.rt, excluded.rt)",
+                &[&(k as i32), &s.to_sql_literal()],
+            )
+            .await
+            .unwrap();
+            per_key[k].merge(&s).unwrap();
+            all.merge(&s).unwrap();
+            assert!(flush < 3);
+        }
+    }
+    for (k, want) in per_key.iter().enumerate() {
+        let got = parts_of(&db, &format!("(SELECT rt FROM t WHERE k = {k})"), &[]).await;
+        assert_eq!(got, want.to_parts(), "key {k} after three upserts");
+    }
+    let got = parts_of(&db, "(SELECT logtally_quantiles_merge(rt) FROM t)", &[]).await;
+    assert_eq!(
+        got,
+        all.to_parts(),
+        "logtally_quantiles_merge over the rows"
+    );
+    assert_eq!(Quantiles::from_parts(&got).unwrap(), all);
+    let row = db
+        .query_one(
+            "SELECT logtally_quantile(logtally_quantiles_merge(rt), 0.99) FROM t",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, f64>(0).to_bits(),
+        all.quantile(0.99).unwrap().to_bits()
+    );
+    // NULL is the empty sketch; different accuracies refuse to merge.
+    let one = sketch_of(&[0.5]).to_sql_literal();
+    let got = parts_of(
+        &db,
+        "logtally_quantiles_add(NULL, $1::text::logtally_quantiles)",
+        &[&one],
+    )
+    .await;
+    assert_eq!(got, sketch_of(&[0.5]).to_parts());
+    let err = db
+        .query_one(
+            "SELECT logtally_quantiles_add($1::text::logtally_quantiles,
+                                           '(0.02,1,{},{},{},{})'::logtally_quantiles)",
+            &[&one],
+        )
+        .await
+        .unwrap_err();
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains("relative accuracy 0.01 and 0.02"),
+        "{err:?}"
+    );
+}
+
+/// What a row holds, as PostgreSQL stores it (`pg_column_size`), printed for the docs.
+#[tokio::test]
+async fn quantiles_bytes_per_row() {
+    let pg = TestPostgres::start();
+    let db = quantiles_database(&pg).await;
+    db.batch_execute("CREATE TABLE sizes (name text, rt logtally_quantiles)")
+        .await
+        .unwrap();
+    let g = (1.0 + quantiles::DEFAULT_ALPHA) / (1.0 - quantiles::DEFAULT_ALPHA);
+    // One value in every bucket between 1 µs and 100 s: the most such a column can hold.
+    let every_bucket: Vec<f64> = (-700..=240)
+        .map(|k| g.powi(k) / g.sqrt())
+        .filter(|&v| (1e-6..=100.0).contains(&v))
+        .collect();
+    let dists = distributions(100_000);
+    let cases: Vec<(&str, Vec<f64>)> = vec![
+        ("empty", vec![]),
+        ("1 value", vec![0.012]),
+        ("10 values", dists[1].1[..10].to_vec()),
+        ("100 values", dists[1].1[..100].to_vec()),
+        ("100000 log-normal", dists[1].1.clone()),
+        ("100000 two peaks", dists[2].1.clone()),
+        ("every bucket 1us..100s", every_bucket),
+    ];
+    let mut report = Vec::new();
+    for (name, values) in &cases {
+        let s = sketch_of(values);
+        db.execute(
+            "INSERT INTO sizes VALUES ($1, $2::text::logtally_quantiles)",
+            &[name, &s.to_sql_literal()],
+        )
+        .await
+        .unwrap();
+        let row = db
+            .query_one(
+                "SELECT pg_column_size(rt), octet_length(rt::text) FROM sizes WHERE name = $1",
+                &[name],
+            )
+            .await
+            .unwrap();
+        let (stored, text): (i32, i32) = (row.get(0), row.get(1));
+        let buckets = s.to_parts().pos_keys.len();
+        report.push(format!(
+            "{name}: {buckets} buckets, {stored} bytes stored, {text} bytes as text"
+        ));
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(report
+        .last()
+        .unwrap()
+        .starts_with("every bucket 1us..100s: 921 buckets"));
 }
