@@ -9,14 +9,26 @@
 
 #![allow(dead_code)]
 
+#[path = "../src/config/condition.rs"]
+pub mod condition_file;
 #[path = "../src/aggregate/hll.rs"]
-mod hll;
+pub mod hll_file;
+#[path = "../src/aggregate/numeric_list.rs"]
+pub mod numeric_list_file;
 #[path = "../src/aggregate/quantiles.rs"]
-mod quantiles;
+pub mod quantiles_file;
 
-use hll::Hll;
+/// The paths the modules use (`crate::aggregate::…`), as in the library.
+mod aggregate {
+    pub use super::hll_file as hll;
+    pub use super::numeric_list_file as numeric_list;
+    pub use super::quantiles_file as quantiles;
+    pub use logtally::aggregate::Decimal;
+}
+
+use aggregate::hll::{self, Hll};
+use aggregate::quantiles::{self, Quantiles, QuantilesParts};
 use logtally_e2e::postgres::TestPostgres;
-use quantiles::{Quantiles, QuantilesParts};
 use tokio_postgres::{Client, NoTls};
 
 async fn client(url: &str) -> Client {
