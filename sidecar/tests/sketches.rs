@@ -78,24 +78,39 @@ async fn sql_sketch(db: &Client, table: &str) -> Vec<u8> {
     .get(0)
 }
 
+/// The hash is `hll_hash_text`'s and `hll_hash_bytea`'s, for every length around the
+/// 16-byte blocks and tails (0 to 80 characters, multi-byte ones included).
 #[tokio::test]
 async fn hll_hash_is_hll_hash_text() {
     let pg = TestPostgres::start();
     let db = hll_database(&pg).await;
     fill_raw(&db, "raw", 0, 200).await;
+    db.batch_execute(
+        "INSERT INTO raw SELECT left(repeat('abcdefghij€é', 10), i) FROM generate_series(0, 80) i;
+         INSERT INTO raw SELECT left(repeat('0123456789', 10), i) FROM generate_series(0, 80) i;",
+    )
+    .await
+    .unwrap();
     let rows = db
-        .query("SELECT v, hll_hash_text(v)::text FROM raw", &[])
+        .query(
+            "SELECT v, hll_hash_text(v)::text, hll_hash_bytea(convert_to(v, 'UTF8'))::text FROM raw",
+            &[],
+        )
         .await
         .unwrap();
-    assert_eq!(rows.len(), 200);
+    assert_eq!(rows.len(), 362);
+    let mut lengths = std::collections::BTreeSet::new();
     for r in rows {
-        let (v, h): (String, String) = (r.get(0), r.get(1));
-        assert_eq!(
-            hll::hash(v.as_bytes()) as i64,
-            h.parse::<i64>().unwrap(),
-            "{v}"
-        );
+        let (v, text, bytea): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        let ours = hll::hash(v.as_bytes()) as i64;
+        assert_eq!(ours, text.parse::<i64>().unwrap(), "hll_hash_text({v:?})");
+        assert_eq!(ours, bytea.parse::<i64>().unwrap(), "hll_hash_bytea({v:?})");
+        lengths.insert(v.len());
     }
+    assert!(
+        (0..=80).all(|n| lengths.contains(&n)),
+        "byte lengths {lengths:?}"
+    );
 }
 
 /// At every representation and at its boundaries (160/161 hashes: explicit → registers;
@@ -119,6 +134,28 @@ async fn hll_bytes_equal_hll_add_agg() {
         seen_types.push((n, want[0], want.len()));
     }
     eprintln!("(values, type byte, bytes): {seen_types:?}");
+    // The empty string hashes to 0, which an explicit sketch keeps and registers ignore.
+    db.batch_execute("CREATE TABLE raw_empty (v text); INSERT INTO raw_empty VALUES (''), ('a');")
+        .await
+        .unwrap();
+    let mut with_empty = Hll::new();
+    with_empty.insert(b"");
+    with_empty.insert(b"a");
+    assert_eq!(
+        with_empty.encode(),
+        sql_sketch(&db, "raw_empty").await,
+        "'' and 'a'"
+    );
+    db.batch_execute("INSERT INTO raw_1000 VALUES ('')")
+        .await
+        .unwrap();
+    let mut dense_with_empty = sketch(0, 1000);
+    dense_with_empty.insert(b"");
+    assert_eq!(
+        dense_with_empty.encode(),
+        sql_sketch(&db, "raw_1000").await,
+        "1000 and ''"
+    );
     // The run covered explicit, sparse with more than 512 entries (where a threshold of 512
     // would already write full) and full.
     assert!(seen_types.iter().any(|&(_, t, _)| t == 0x12));
@@ -191,24 +228,26 @@ async fn quantiles_database(pg: &TestPostgres) -> Client {
     db
 }
 
-/// A deterministic generator (xorshift64*): the test makes its values, so it knows the truth.
-struct Rng(u64);
+/// A deterministic generator: the test makes its values, so it knows the truth.
+struct Rng(proptest::test_runner::TestRng);
 impl Rng {
+    fn new() -> Rng {
+        use proptest::test_runner::{RngAlgorithm, TestRng};
+        Rng(TestRng::deterministic_rng(RngAlgorithm::ChaCha))
+    }
     fn unit(&mut self) -> f64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        ((self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        use proptest::prelude::Rng as _;
+        ((self.0.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
     fn normal(&mut self) -> f64 {
         let (u, v) = (self.unit(), self.unit());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
     }
 }
 
 /// Request-time-like distributions (seconds with microsecond resolution, as nginx writes).
 fn distributions(n: usize) -> Vec<(&'static str, Vec<f64>)> {
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut rng = Rng::new();
     let micros = |x: f64| (x * 1e6).round().max(1.0) / 1e6;
     let uniform = (0..n).map(|_| micros(rng.unit() * 2.0)).collect();
     let log_normal = (0..n)
@@ -340,7 +379,7 @@ async fn quantiles_upsert_and_merge_aggregate_equal_rust_merge() {
     let mut per_key: Vec<Quantiles> = (0..5)
         .map(|_| Quantiles::new(quantiles::DEFAULT_ALPHA).unwrap())
         .collect();
-    let mut rng = Rng(7);
+    let mut rng = Rng::new();
     for (flush, (_, values)) in distributions(3_000).into_iter().enumerate() {
         // Each "flush" writes one part per key; some values negative or zero.
         for (k, chunk) in values.chunks(values.len() / 5).take(5).enumerate() {

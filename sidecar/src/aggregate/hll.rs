@@ -8,7 +8,7 @@
 //! `hll_union`.
 //!
 //! Values are hashed like `hll_hash_text` / `hll_hash_bytea` (seed 0): MurmurHash3 x64
-//! 128-bit, first 64-bit half. Pass the bytes PostgreSQL's `text` would hold (valid UTF-8, no
+//! 128-bit, first 64-bit half ([`hash`]). Pass the bytes PostgreSQL's `text` would hold (valid UTF-8, no
 //! NUL) so that SQL over a raw table agrees.
 //!
 //! Why the representation is a pure function of the set of hashes (so merge of any split
@@ -85,12 +85,55 @@ pub enum HllDecodeError {
     SparseEntry(u16),
 }
 
-/// `hll_hash_bytea(v)` / `hll_hash_text(v)` with seed 0, as an unsigned integer.
+/// `hll_hash_bytea(v)` / `hll_hash_text(v)` (seed 0) as an unsigned integer: the first
+/// 64-bit half of MurmurHash3 x64 128 (Austin Appleby's public-domain algorithm).
 #[inline]
 pub fn hash(value: &[u8]) -> u64 {
-    let mut source = value;
-    // Reading a slice cannot fail; 0 is a hash the sketch ignores anyway.
-    murmur3::murmur3_x64_128(&mut source, 0).map_or(0, |h| h as u64)
+    const C1: u64 = 0x87c3_7b91_1142_53d5;
+    const C2: u64 = 0x4cf5_ad43_2745_937f;
+    let mix1 = |k: u64| k.wrapping_mul(C1).rotate_left(31).wrapping_mul(C2);
+    let mix2 = |k: u64| k.wrapping_mul(C2).rotate_left(33).wrapping_mul(C1);
+    let le = |b: &[u8]| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(b);
+        u64::from_le_bytes(w)
+    };
+    let (mut h1, mut h2) = (0u64, 0u64);
+    let blocks = value.chunks_exact(16);
+    let tail = blocks.remainder();
+    for block in blocks {
+        h1 ^= mix1(le(&block[..8]));
+        h1 = h1
+            .rotate_left(27)
+            .wrapping_add(h2)
+            .wrapping_mul(5)
+            .wrapping_add(0x52dc_e729);
+        h2 ^= mix2(le(&block[8..]));
+        h2 = h2
+            .rotate_left(31)
+            .wrapping_add(h1)
+            .wrapping_mul(5)
+            .wrapping_add(0x3849_5ab5);
+    }
+    // The tail's missing bytes are zero, and mixing a zero word changes nothing.
+    let mut last = [0u8; 16];
+    last[..tail.len()].copy_from_slice(tail);
+    h2 ^= mix2(le(&last[8..]));
+    h1 ^= mix1(le(&last[..8]));
+    let len = value.len() as u64;
+    h1 ^= len;
+    h2 ^= len;
+    h1 = h1.wrapping_add(h2);
+    h2 = h2.wrapping_add(h1);
+    fmix64(h1).wrapping_add(fmix64(h2))
+}
+
+fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
 }
 
 impl Hll {

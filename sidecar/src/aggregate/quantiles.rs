@@ -25,6 +25,8 @@
 
 use std::fmt::Write as _;
 
+use crate::aggregate::Decimal;
+
 /// The default relative accuracy: 1%.
 pub const DEFAULT_ALPHA: f64 = 0.01;
 /// The smallest accuracy accepted (0.01%): keeps keys far inside `i32`.
@@ -125,6 +127,12 @@ impl Quantiles {
         };
         add_count(side, key, 1);
         true
+    }
+
+    /// Adds an exact decimal (a field value read by the numeric-list rule).
+    #[inline]
+    pub fn insert_decimal(&mut self, d: Decimal) -> bool {
+        self.insert(d.0 as f64 / Decimal::ONE as f64)
     }
 
     /// Adds every value of `other`. Both must have the same accuracy.
@@ -238,7 +246,13 @@ fn gamma(alpha: f64) -> f64 {
 fn add_count(side: &mut Vec<(i32, u64)>, key: i32, n: u64) {
     match side.binary_search_by_key(&key, |&(k, _)| k) {
         Ok(i) => side[i].1 += n,
-        Err(i) => side.insert(i, (key, n)),
+        Err(i) => {
+            if side.len() == side.capacity() {
+                // Grow by half (at least 4) rather than double: buckets are most of the memory.
+                side.reserve_exact((side.len() / 2).max(4));
+            }
+            side.insert(i, (key, n));
+        }
     }
 }
 
@@ -437,6 +451,16 @@ mod tests {
         assert_eq!(std::mem::size_of::<Quantiles>(), 72);
         let s = sketch(0.01, &[0.1, 0.1, 0.2]);
         assert_eq!(s.heap_bytes(), 4 * 16, "first allocation holds 4 buckets");
+        let mut wide = Quantiles::new(0.01).unwrap();
+        for i in 1..=100 {
+            wide.insert_decimal(Decimal(i * 1_000_000_000));
+        }
+        assert_eq!(wide.count(), 100);
+        let buckets = wide.to_parts().pos_keys.len();
+        assert!(
+            wide.heap_bytes() <= buckets * 16 * 3 / 2 + 64,
+            "{buckets} buckets"
+        );
     }
 
     proptest! {
