@@ -289,13 +289,16 @@ async fn parts_of(
         )
         .await
         .unwrap();
+    // An empty side is NULL.
+    let side = |i: usize| row.get::<_, Option<Vec<_>>>(i).unwrap_or_default();
+    let counts = |i: usize| row.get::<_, Option<Vec<i64>>>(i).unwrap_or_default();
     QuantilesParts {
         alpha: row.get(0),
         zero: row.get(1),
-        pos_keys: row.get(2),
-        pos_counts: row.get(3),
-        neg_keys: row.get(4),
-        neg_counts: row.get(5),
+        pos_keys: side(2),
+        pos_counts: counts(3),
+        neg_keys: side(4),
+        neg_counts: counts(5),
     }
 }
 
@@ -426,6 +429,81 @@ async fn quantiles_upsert_and_merge_aggregate_equal_rust_merge() {
         row.get::<_, f64>(0).to_bits(),
         all.quantile(0.99).unwrap().to_bits()
     );
+    // Many rows with wide sketches: the aggregate compacts its state several times, and a
+    // parallel plan (partial states combined) gives the same sketch.
+    db.batch_execute("CREATE TABLE many (g int NOT NULL, rt logtally_quantiles NOT NULL)")
+        .await
+        .unwrap();
+    let mut groups: Vec<Quantiles> = (0..2).map(|_| sketch_of(&[])).collect();
+    let mut literals = Vec::new();
+    let mut group_ids = Vec::new();
+    for row in 0..3000 {
+        let values: Vec<f64> = (0..40)
+            .map(|_| {
+                let sign = if rng.unit() < 0.1 { -1.0 } else { 1.0 };
+                sign * 10f64.powf(-6.0 + 15.0 * rng.unit())
+            })
+            .collect();
+        let s = sketch_of(&values);
+        groups[row % 2].merge(&s).unwrap();
+        literals.push(s.to_sql_literal());
+        group_ids.push((row % 2) as i32);
+    }
+    db.execute(
+        "INSERT INTO many SELECT g, rt::logtally_quantiles FROM unnest($1::int[], $2::text[]) AS u(g, rt)",
+        &[&group_ids, &literals],
+    )
+    .await
+    .unwrap();
+    let mut everything = groups[0].clone();
+    everything.merge(&groups[1]).unwrap();
+    assert!(
+        everything.to_parts().pos_keys.len() > 1000,
+        "wide enough to compact"
+    );
+    for parallel in [false, true] {
+        if parallel {
+            db.batch_execute(
+                "SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0;
+                 SET min_parallel_table_scan_size = 0; SET max_parallel_workers_per_gather = 2;",
+            )
+            .await
+            .unwrap();
+            let plan: Vec<String> = db
+                .query("EXPLAIN SELECT logtally_quantiles_merge(rt) FROM many", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert!(
+                plan.iter().any(|l| l.contains("Partial Aggregate")),
+                "{plan:?}"
+            );
+        }
+        let got = parts_of(&db, "(SELECT logtally_quantiles_merge(rt) FROM many)", &[]).await;
+        assert_eq!(
+            got,
+            everything.to_parts(),
+            "3,000 wide rows, parallel {parallel}"
+        );
+        for (g, want) in groups.iter().enumerate() {
+            let expr = format!("(SELECT logtally_quantiles_merge(rt) FROM many WHERE g = {g})");
+            assert_eq!(
+                parts_of(&db, &expr, &[]).await,
+                want.to_parts(),
+                "group {g}"
+            );
+        }
+    }
+    let none = db
+        .query_one(
+            "SELECT logtally_quantiles_merge(rt) IS NULL FROM many WHERE g > 5",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(none.get::<_, bool>(0), "no rows: NULL");
     // NULL is the empty sketch; different accuracies refuse to merge.
     let one = sketch_of(&[0.5]).to_sql_literal();
     let got = parts_of(

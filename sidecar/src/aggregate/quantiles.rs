@@ -17,8 +17,8 @@
 //!
 //! In PostgreSQL the sketch is the composite type `logtally_quantiles` (see
 //! [`Quantiles::to_sql_literal`]): `(alpha float8, zero int8, pos_keys int4[],
-//! pos_counts int8[], neg_keys int4[], neg_counts int8[])`, keys ascending, counts > 0. Only
-//! non-empty buckets are stored; request times between 1 µs and 100 s span at most
+//! pos_counts int8[], neg_keys int4[], neg_counts int8[])`, keys ascending, counts > 0, an
+//! empty side NULL. Only non-empty buckets are stored; request times between 1 µs and 100 s span at most
 //! ⌈ln(10⁸)/ln γ⌉ + 1 = 922 buckets at α = 1%.
 //!
 //! In memory: 72 bytes inline, 16 bytes per non-empty bucket ([`Quantiles::heap_bytes`]).
@@ -289,7 +289,12 @@ fn merge_side(mine: &mut Vec<(i32, u64)>, theirs: &[(i32, u64)]) {
     *mine = out;
 }
 
+/// An array of the composite's text form; an empty one is NULL (nothing between the commas),
+/// which PostgreSQL stores in one bit instead of a 16-byte empty array.
 fn write_array(out: &mut String, items: impl ExactSizeIterator<Item = i64>) {
+    if items.len() == 0 {
+        return;
+    }
     let quoted = items.len() > 1;
     if quoted {
         out.push('"');
@@ -438,7 +443,8 @@ mod tests {
     fn sql_literal_and_parts() {
         let s = sketch(0.01, &[-2.0, 0.0, 1.0, 1.0, 50.0]);
         assert_eq!(s.to_sql_literal(), r#"(0.01,1,"{0,196}","{2,1}",{35},{1})"#);
-        assert_eq!(sketch(0.01, &[]).to_sql_literal(), "(0.01,0,{},{},{},{})");
+        assert_eq!(sketch(0.01, &[]).to_sql_literal(), "(0.01,0,,,,)");
+        assert_eq!(sketch(0.01, &[1.0]).to_sql_literal(), "(0.01,0,{0},{1},,)");
         let back = Quantiles::from_parts(&s.to_parts()).unwrap();
         assert_eq!(back, s);
         let mut parts = s.to_parts();
