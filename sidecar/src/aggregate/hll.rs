@@ -8,8 +8,9 @@
 //! `hll_union`.
 //!
 //! Values are hashed like `hll_hash_text` / `hll_hash_bytea` (seed 0): MurmurHash3 x64
-//! 128-bit, first 64-bit half ([`hash`]). Pass the bytes PostgreSQL's `text` would hold (valid UTF-8, no
-//! NUL) so that SQL over a raw table agrees.
+//! 128-bit, first 64-bit half ([`hash`]). Pass the bytes PostgreSQL's `text` would hold
+//! (valid UTF-8, no NUL) so that SQL over a raw table agrees. The estimate itself is
+//! PostgreSQL's: `hll_cardinality(hll_union_agg(col))`.
 //!
 //! Why the representation is a pure function of the set of hashes (so merge of any split
 //! equals one pass): the extension keeps up to [`EXPLICIT_MAX`] distinct hashes as a sorted
