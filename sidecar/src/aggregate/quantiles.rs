@@ -1,0 +1,498 @@
+//! Quantiles: a mergeable log-bucketed histogram (DDSketch, Masson, Rim & Lee, VLDB 2019)
+//! that plain PostgreSQL reads through the SQL functions in `db/quantiles.sql`.
+//!
+//! With relative accuracy α, γ = (1+α)/(1−α). A value x > 0 falls in bucket
+//! k = ⌈log_γ x⌉, i.e. γ^(k−1) < x ≤ γ^k, and the bucket stands for 2·γ^k/(1+γ): every value
+//! of the bucket is within α of it, relatively. A negative value falls in the bucket of |x| on
+//! a separate negative side, and values with |x| < [`ZERO_LIMIT`] (as from an exact decimal,
+//! only 0 itself) are counted in a zero bucket that stands for 0. Merging adds bucket counts,
+//! so it is exact and order-free: any split of the values, merged in any order, is the same
+//! sketch as one pass.
+//!
+//! [`Quantiles::quantile`]`(q)` returns the representative of the bucket holding the value of
+//! 0-based rank ⌊q·(n−1)⌋ in sorted order (DDSketch's rank q·(n−1); `percentile_disc(q)` picks
+//! rank ⌈q·n⌉−1, one rank away at most). Hence the guarantee: for values in [1e-6, 1e9] (and
+//! far beyond: any 1e-9 ≤ |x| ≤ 1e300), |estimate − exact| ≤ α·|exact|, up to the last
+//! bits of the floating-point logarithm at a bucket's very edge.
+//!
+//! In PostgreSQL the sketch is the composite type `logtally_quantiles` (see
+//! [`Quantiles::to_sql_literal`]): `(alpha float8, zero int8, pos_keys int4[],
+//! pos_counts int8[], neg_keys int4[], neg_counts int8[])`, keys ascending, counts > 0, an
+//! empty side NULL. Only non-empty buckets are stored; request times between 1 µs and 100 s span at most
+//! ⌈ln(10⁸)/ln γ⌉ + 1 = 922 buckets at α = 1%.
+//!
+//! In memory: 72 bytes inline, 16 bytes per non-empty bucket ([`Quantiles::heap_bytes`]).
+
+use std::fmt::Write as _;
+
+use crate::aggregate::Decimal;
+
+/// The default relative accuracy: 1%.
+pub const DEFAULT_ALPHA: f64 = 0.01;
+/// The smallest accuracy accepted (0.01%): keeps keys far inside `i32`.
+pub const MIN_ALPHA: f64 = 0.0001;
+/// The largest accuracy accepted (10%).
+pub const MAX_ALPHA: f64 = 0.1;
+/// Values with a smaller magnitude count as zero (below an exact decimal's 9 digits).
+pub const ZERO_LIMIT: f64 = 1e-9;
+/// Values with a larger magnitude are refused (their bucket's value would overflow `f64`);
+/// an exact decimal stays below 10¹⁸.
+pub const MAX_MAGNITUDE: f64 = 1e300;
+
+/// A mergeable quantile sketch. See the module doc.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantiles {
+    alpha: f64,
+    /// 1 / ln γ.
+    multiplier: f64,
+    zero: u64,
+    /// (key, count) of non-empty buckets, keys ascending.
+    pos: Vec<(i32, u64)>,
+    neg: Vec<(i32, u64)>,
+}
+
+/// Why a sketch cannot be made or merged.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QuantilesError {
+    #[error("relative accuracy {0} is outside 0.01%..10%")]
+    Alpha(f64),
+    #[error("cannot merge sketches of relative accuracy {0} and {1}")]
+    AlphaMismatch(f64, f64),
+    #[error("quantile sketch: {0}")]
+    Parts(&'static str),
+}
+
+/// The fields of the SQL composite, as a client reads or binds them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct QuantilesParts {
+    pub alpha: f64,
+    pub zero: i64,
+    pub pos_keys: Vec<i32>,
+    pub pos_counts: Vec<i64>,
+    pub neg_keys: Vec<i32>,
+    pub neg_counts: Vec<i64>,
+}
+
+impl Quantiles {
+    /// An empty sketch of relative accuracy `alpha` (0.01 is 1%).
+    pub fn new(alpha: f64) -> Result<Quantiles, QuantilesError> {
+        if !(MIN_ALPHA..=MAX_ALPHA).contains(&alpha) {
+            return Err(QuantilesError::Alpha(alpha));
+        }
+        Ok(Quantiles {
+            alpha,
+            multiplier: 1.0 / gamma(alpha).ln(),
+            zero: 0,
+            pos: Vec::new(),
+            neg: Vec::new(),
+        })
+    }
+
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+
+    /// Values added.
+    pub fn count(&self) -> u64 {
+        let side = |s: &[(i32, u64)]| s.iter().map(|&(_, c)| c).sum::<u64>();
+        self.zero + side(&self.pos) + side(&self.neg)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.zero == 0 && self.pos.is_empty() && self.neg.is_empty()
+    }
+
+    /// Heap bytes held (for memory accounting; `size_of::<Quantiles>()` is the inline part).
+    pub fn heap_bytes(&self) -> usize {
+        (self.pos.capacity() + self.neg.capacity()) * std::mem::size_of::<(i32, u64)>()
+    }
+
+    /// Adds a value. Returns false (and adds nothing) for NaN, infinities and magnitudes
+    /// above [`MAX_MAGNITUDE`].
+    #[inline]
+    pub fn insert(&mut self, x: f64) -> bool {
+        let magnitude = x.abs();
+        if magnitude.is_nan() || magnitude > MAX_MAGNITUDE {
+            return false;
+        }
+        if magnitude < ZERO_LIMIT {
+            self.zero += 1;
+            return true;
+        }
+        let key = (magnitude.ln() * self.multiplier).ceil() as i32;
+        let side = if x > 0.0 {
+            &mut self.pos
+        } else {
+            &mut self.neg
+        };
+        add_count(side, key, 1);
+        true
+    }
+
+    /// Adds an exact decimal (a field value read by the numeric-list rule).
+    #[inline]
+    pub fn insert_decimal(&mut self, d: Decimal) -> bool {
+        self.insert(d.0 as f64 / Decimal::ONE as f64)
+    }
+
+    /// Adds every value of `other`. Both must have the same accuracy.
+    pub fn merge(&mut self, other: &Quantiles) -> Result<(), QuantilesError> {
+        if self.alpha != other.alpha {
+            return Err(QuantilesError::AlphaMismatch(self.alpha, other.alpha));
+        }
+        self.zero += other.zero;
+        merge_side(&mut self.pos, &other.pos);
+        merge_side(&mut self.neg, &other.neg);
+        Ok(())
+    }
+
+    /// The estimate of quantile `q` ∈ [0, 1] (`None` when empty or `q` is outside).
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let n = self.count();
+        if n == 0 || !(0.0..=1.0).contains(&q) {
+            return None;
+        }
+        let rank = q * (n - 1) as f64;
+        let mut cumulative = 0u64;
+        // Sorted order: the most negative first (negative keys descending), zero, positive.
+        for &(key, c) in self.neg.iter().rev() {
+            cumulative += c;
+            if cumulative as f64 > rank {
+                return Some(-self.representative(key));
+            }
+        }
+        cumulative += self.zero;
+        if cumulative as f64 > rank {
+            return Some(0.0);
+        }
+        for &(key, c) in &self.pos {
+            cumulative += c;
+            if cumulative as f64 > rank {
+                return Some(self.representative(key));
+            }
+        }
+        // Unreachable: the last bucket's cumulative count is n > rank.
+        self.pos.last().map(|&(k, _)| self.representative(k))
+    }
+
+    /// The value bucket `key` stands for: 2·γ^key/(1+γ). The SQL function
+    /// `logtally_quantile` computes it with the same operations (`power`), so both agree to
+    /// the bit.
+    fn representative(&self, key: i32) -> f64 {
+        let g = gamma(self.alpha);
+        2.0 * g.powf(f64::from(key)) / (1.0 + g)
+    }
+
+    /// The composite's text form, for `$1::text::logtally_quantiles`, e.g.
+    /// `(0.01,2,"{-5,17}","{1,3}",{},{})`.
+    pub fn to_sql_literal(&self) -> String {
+        let mut out = String::with_capacity(32 + 24 * (self.pos.len() + self.neg.len()));
+        // `{}` of an f64 is its shortest exact decimal: float8 reads back the same bits.
+        let _ = write!(out, "({},{},", self.alpha, self.zero);
+        for (i, side) in [&self.pos, &self.neg].into_iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            write_array(&mut out, side.iter().map(|&(k, _)| i64::from(k)));
+            out.push(',');
+            write_array(&mut out, side.iter().map(|&(_, c)| c as i64));
+        }
+        out.push(')');
+        out
+    }
+
+    /// The composite's fields.
+    pub fn to_parts(&self) -> QuantilesParts {
+        let keys = |s: &[(i32, u64)]| s.iter().map(|&(k, _)| k).collect();
+        let counts = |s: &[(i32, u64)]| s.iter().map(|&(_, c)| c as i64).collect();
+        QuantilesParts {
+            alpha: self.alpha,
+            zero: self.zero as i64,
+            pos_keys: keys(&self.pos),
+            pos_counts: counts(&self.pos),
+            neg_keys: keys(&self.neg),
+            neg_counts: counts(&self.neg),
+        }
+    }
+
+    /// A sketch from the composite's fields (as read back from PostgreSQL). Keys need not be
+    /// sorted nor unique; counts must not be negative.
+    pub fn from_parts(p: &QuantilesParts) -> Result<Quantiles, QuantilesError> {
+        let mut s = Quantiles::new(p.alpha)?;
+        s.zero = u64::try_from(p.zero).map_err(|_| QuantilesError::Parts("negative zero count"))?;
+        for (side, keys, counts) in [
+            (&mut s.pos, &p.pos_keys, &p.pos_counts),
+            (&mut s.neg, &p.neg_keys, &p.neg_counts),
+        ] {
+            if keys.len() != counts.len() {
+                return Err(QuantilesError::Parts("keys and counts differ in length"));
+            }
+            for (&k, &c) in keys.iter().zip(counts) {
+                let c = u64::try_from(c).map_err(|_| QuantilesError::Parts("negative count"))?;
+                if c > 0 {
+                    add_count(side, k, c);
+                }
+            }
+        }
+        Ok(s)
+    }
+}
+
+fn gamma(alpha: f64) -> f64 {
+    (1.0 + alpha) / (1.0 - alpha)
+}
+
+#[inline]
+fn add_count(side: &mut Vec<(i32, u64)>, key: i32, n: u64) {
+    match side.binary_search_by_key(&key, |&(k, _)| k) {
+        Ok(i) => side[i].1 += n,
+        Err(i) => {
+            if side.len() == side.capacity() {
+                // Grow by half (at least 4) rather than double: buckets are most of the memory.
+                side.reserve_exact((side.len() / 2).max(4));
+            }
+            side.insert(i, (key, n));
+        }
+    }
+}
+
+/// Adds `theirs` into `mine` (both sorted by key) in one linear pass.
+fn merge_side(mine: &mut Vec<(i32, u64)>, theirs: &[(i32, u64)]) {
+    if theirs.is_empty() {
+        return;
+    }
+    let mut out = Vec::with_capacity(mine.len() + theirs.len());
+    let (mut a, mut b) = (mine.iter().peekable(), theirs.iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(&&(ka, ca)), Some(&&(kb, cb))) if ka == kb => {
+                a.next();
+                b.next();
+                (ka, ca + cb)
+            }
+            (Some(&&x), Some(&&y)) if x.0 < y.0 => {
+                a.next();
+                x
+            }
+            (_, Some(&&y)) => {
+                b.next();
+                y
+            }
+            (Some(&&x), None) => {
+                a.next();
+                x
+            }
+            (None, None) => break,
+        };
+        out.push(next);
+    }
+    *mine = out;
+}
+
+/// An array of the composite's text form; an empty one is NULL (nothing between the commas),
+/// which PostgreSQL stores in one bit instead of a 16-byte empty array.
+fn write_array(out: &mut String, items: impl ExactSizeIterator<Item = i64>) {
+    if items.len() == 0 {
+        return;
+    }
+    let quoted = items.len() > 1;
+    if quoted {
+        out.push('"');
+    }
+    out.push('{');
+    for (i, v) in items.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{v}");
+    }
+    out.push('}');
+    if quoted {
+        out.push('"');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A small deterministic generator (xorshift64*), so the tests need no crate.
+    struct Rng(u64);
+    impl Rng {
+        fn unit(&mut self) -> f64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let r = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            ((r >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        }
+        fn normal(&mut self) -> f64 {
+            let (u, v) = (self.unit(), self.unit());
+            (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+        }
+    }
+
+    fn sketch(alpha: f64, values: &[f64]) -> Quantiles {
+        let mut s = Quantiles::new(alpha).unwrap();
+        for &v in values {
+            assert!(s.insert(v));
+        }
+        s
+    }
+
+    /// Every quantile within α of the exact value at rank ⌊q·(n−1)⌋.
+    fn assert_accurate(alpha: f64, values: &[f64], what: &str) {
+        let s = sketch(alpha, values);
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let qs = [
+            0.0, 0.001, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0,
+        ];
+        for q in qs {
+            let exact = sorted[(q * (sorted.len() - 1) as f64).floor() as usize];
+            let est = s.quantile(q).unwrap();
+            let err = (est - exact).abs();
+            assert!(
+                err <= alpha * exact.abs() * (1.0 + 1e-12),
+                "{what}, α {alpha}, q {q}: estimate {est}, exact {exact}, relative error {}",
+                err / exact.abs()
+            );
+        }
+    }
+
+    #[test]
+    fn accurate_for_uniform_log_normal_and_two_peaks() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let n = 50_000;
+        let uniform: Vec<f64> = (0..n).map(|_| 1e-6 + rng.unit() * (1e9 - 1e-6)).collect();
+        let small_uniform: Vec<f64> = (0..n).map(|_| 0.001 + rng.unit() * 2.0).collect();
+        let log_normal: Vec<f64> = (0..n).map(|_| (rng.normal() * 2.0 - 3.0).exp()).collect();
+        let two_peaks: Vec<f64> = (0..n)
+            .map(|i| {
+                let centre = if i % 3 == 0 { 2.5 } else { 0.004 };
+                centre * (1.0 + 0.05 * rng.normal()).abs()
+            })
+            .collect();
+        let span: Vec<f64> = (0..n)
+            .map(|_| 10f64.powf(-6.0 + 15.0 * rng.unit()))
+            .collect();
+        for alpha in [DEFAULT_ALPHA, 0.005, 0.02] {
+            assert_accurate(alpha, &uniform, "uniform 1e-6..1e9");
+            assert_accurate(alpha, &small_uniform, "uniform 0.001..2");
+            assert_accurate(alpha, &log_normal, "log-normal");
+            assert_accurate(alpha, &two_peaks, "two peaks");
+            assert_accurate(alpha, &span, "log-uniform 1e-6..1e9");
+        }
+    }
+
+    #[test]
+    fn bucket_edges_of_exact_powers() {
+        // Values at (or a hair off) bucket edges γ^k: still within α.
+        let g = gamma(DEFAULT_ALPHA);
+        let values: Vec<f64> = (-700..1040)
+            .flat_map(|k| {
+                let e = g.powi(k);
+                [e, e * (1.0 + 1e-15), e * (1.0 - 1e-15)]
+            })
+            .collect();
+        assert_accurate(DEFAULT_ALPHA, &values, "edges");
+    }
+
+    #[test]
+    fn negatives_zero_and_mixed() {
+        let values = [-5.0, -0.25, 0.0, 0.0, 0.0, 1e-12, 0.5, 3.0, 1000.0];
+        let s = sketch(DEFAULT_ALPHA, &values);
+        assert_eq!(s.count(), 9);
+        assert_eq!(s.zero, 4, "0 and 1e-12 are in the zero bucket");
+        let close = |a: f64, b: f64| (a - b).abs() <= DEFAULT_ALPHA * b.abs();
+        assert!(close(s.quantile(0.0).unwrap(), -5.0));
+        assert!(close(s.quantile(0.125).unwrap(), -0.25));
+        assert_eq!(s.quantile(0.25).unwrap(), 0.0);
+        assert!(close(s.quantile(1.0).unwrap(), 1000.0));
+        let negatives: Vec<f64> = (1..2000).map(|i| -f64::from(i) * 0.37).collect();
+        assert_accurate(DEFAULT_ALPHA, &negatives, "negatives");
+    }
+
+    #[test]
+    fn edge_cases() {
+        assert_eq!(Quantiles::new(0.0), Err(QuantilesError::Alpha(0.0)));
+        assert_eq!(Quantiles::new(0.5), Err(QuantilesError::Alpha(0.5)));
+        let mut s = Quantiles::new(DEFAULT_ALPHA).unwrap();
+        assert_eq!(s.quantile(0.5), None);
+        assert!(!s.insert(f64::NAN) && !s.insert(f64::INFINITY));
+        assert!(s.is_empty());
+        s.insert(7.0);
+        assert_eq!(s.quantile(1.5), None);
+        assert!((s.quantile(0.5).unwrap() - 7.0).abs() <= 0.07);
+        let other = Quantiles::new(0.02).unwrap();
+        assert_eq!(
+            s.merge(&other),
+            Err(QuantilesError::AlphaMismatch(0.01, 0.02))
+        );
+        // Extreme magnitudes stay within i32 keys at the finest accuracy.
+        let mut fine = Quantiles::new(MIN_ALPHA).unwrap();
+        assert!(!fine.insert(f64::MAX));
+        assert!(fine.insert(MAX_MAGNITUDE) && fine.insert(-MAX_MAGNITUDE));
+        assert!(fine.insert(ZERO_LIMIT));
+        let rel = (fine.quantile(1.0).unwrap() - MAX_MAGNITUDE).abs() / MAX_MAGNITUDE;
+        assert!(rel <= MIN_ALPHA * (1.0 + 1e-9), "{rel}");
+    }
+
+    #[test]
+    fn sql_literal_and_parts() {
+        let s = sketch(0.01, &[-2.0, 0.0, 1.0, 1.0, 50.0]);
+        assert_eq!(s.to_sql_literal(), r#"(0.01,1,"{0,196}","{2,1}",{35},{1})"#);
+        assert_eq!(sketch(0.01, &[]).to_sql_literal(), "(0.01,0,,,,)");
+        assert_eq!(sketch(0.01, &[1.0]).to_sql_literal(), "(0.01,0,{0},{1},,)");
+        let back = Quantiles::from_parts(&s.to_parts()).unwrap();
+        assert_eq!(back, s);
+        let mut parts = s.to_parts();
+        parts.pos_counts.pop();
+        assert!(Quantiles::from_parts(&parts).is_err());
+    }
+
+    #[test]
+    fn memory_per_sketch() {
+        assert_eq!(std::mem::size_of::<Quantiles>(), 72);
+        let s = sketch(0.01, &[0.1, 0.1, 0.2]);
+        assert_eq!(s.heap_bytes(), 4 * 16, "first allocation holds 4 buckets");
+        let mut wide = Quantiles::new(0.01).unwrap();
+        for i in 1..=100 {
+            wide.insert_decimal(Decimal(i * 1_000_000_000));
+        }
+        assert_eq!(wide.count(), 100);
+        let buckets = wide.to_parts().pos_keys.len();
+        assert!(
+            wide.heap_bytes() <= buckets * 16 * 3 / 2 + 64,
+            "{buckets} buckets"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Any split, merged in any order, is the one-pass sketch (exact equality).
+        #[test]
+        fn merge_of_any_split_is_one_pass(
+            values in proptest::collection::vec(
+                prop_oneof![-1e6..1e6f64, 1e-6..1e9f64, Just(0.0), -1e-3..1e-3f64], 0..400),
+            cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..6),
+            reverse in any::<bool>(),
+        ) {
+            let one = sketch(DEFAULT_ALPHA, &values);
+            let mut bounds: Vec<usize> = cuts.iter().map(|c| c.index(values.len() + 1)).collect();
+            bounds.extend([0, values.len()]);
+            bounds.sort_unstable();
+            let mut parts: Vec<Quantiles> =
+                bounds.windows(2).map(|w| sketch(DEFAULT_ALPHA, &values[w[0]..w[1]])).collect();
+            if reverse {
+                parts.reverse();
+            }
+            let mut merged = Quantiles::new(DEFAULT_ALPHA).unwrap();
+            for p in &parts {
+                merged.merge(p).unwrap();
+            }
+            prop_assert_eq!(merged.to_parts(), one.to_parts());
+        }
+    }
+}
