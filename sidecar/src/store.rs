@@ -577,6 +577,7 @@ impl SqlNumeric {
     /// 10,000 digits, most significant first. PostgreSQL strips redundant zero digits. The
     /// display scale is the fewest fractional digits that show the value exactly (`42`,
     /// `0.005`), as [`Decimal`]'s `Display` writes it.
+    #[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` is newer than the workspace MSRV
     pub fn encode(self, out: &mut BytesMut) {
         const SCALE: u128 = 1_000_000_000;
         let abs = self.0 .0.unsigned_abs();

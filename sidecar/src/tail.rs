@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use logtally_spool::{
-    decode_frame, decode_header, is_segment_file_name, Decoded, Frame, Record, SegmentHeader,
+    decode_header, is_segment_file_name, Record, SegmentHeader, SegmentItem, SegmentReader,
     FRAME_HEADER_LEN, MAX_PAYLOAD_LEN,
 };
 use tracing::{debug, info, warn};
@@ -553,7 +553,6 @@ fn read_segment(
     };
     let mut start = *offset; // file offset of buf[0]
     let mut filled = 0usize;
-    let mut consumed = 0usize;
     let mut sealed = false;
     'read: loop {
         let n = if start + filled as u64 >= size {
@@ -562,76 +561,71 @@ fn read_segment(
             read_full(file, &mut buf[filled..], start + filled as u64, size)?
         };
         filled += n;
-        while consumed < filled {
-            let at = start + consumed as u64;
-            match decode_frame(&buf[consumed..filled]) {
-                Decoded::Frame { frame, len } => {
-                    consumed += len;
-                    let end = at + len as u64;
-                    *offset = end;
-                    stats.bytes += len as u64;
-                    poll.bytes += len as u64;
-                    *budget = budget.saturating_sub(len as u64);
-                    match frame {
-                        Frame::Event(record) => {
-                            stats.events += 1;
-                            poll.events += 1;
-                            on_frame(SegmentEvent::Record {
-                                segment: sref,
-                                offset: at,
-                                end,
-                                record,
-                            });
-                        }
-                        Frame::Dropped { time_ms, count } => {
-                            stats.drop_markers += 1;
-                            stats.dropped_events += count;
-                            on_frame(SegmentEvent::Dropped {
-                                segment: sref,
-                                offset: at,
-                                end,
-                                time_ms,
-                                count,
-                            });
-                        }
-                        Frame::Seal {
-                            events, dropped, ..
-                        } => {
-                            stats.sealed_segments += 1;
-                            on_frame(SegmentEvent::Sealed {
-                                segment: sref,
-                                offset: at,
-                                end,
-                                events,
-                                dropped,
-                            });
-                            sealed = true;
-                            break 'read;
-                        }
+        let mut reader = SegmentReader::new(&buf[..filled], start);
+        for item in reader.by_ref() {
+            let (at, len) = (item.offset(), item.len() as u64);
+            let end = at + len;
+            let event = match item {
+                // More bytes may complete it: read on, or wait at the end of the file.
+                SegmentItem::Torn { .. } => break,
+                SegmentItem::Event { record, .. } => {
+                    stats.events += 1;
+                    poll.events += 1;
+                    SegmentEvent::Record {
+                        segment: sref,
+                        offset: at,
+                        end,
+                        record,
                     }
                 }
-                Decoded::Corrupt { skip } => {
-                    consumed += skip;
-                    *offset = at + skip as u64;
-                    stats.corrupt_bytes += skip as u64;
-                    stats.bytes += skip as u64;
-                    poll.bytes += skip as u64;
-                    *budget = budget.saturating_sub(skip as u64);
+                SegmentItem::Dropped { time_ms, count, .. } => {
+                    stats.drop_markers += 1;
+                    stats.dropped_events += count;
+                    SegmentEvent::Dropped {
+                        segment: sref,
+                        offset: at,
+                        end,
+                        time_ms,
+                        count,
+                    }
+                }
+                SegmentItem::Seal {
+                    events, dropped, ..
+                } => {
+                    stats.sealed_segments += 1;
+                    sealed = true;
+                    SegmentEvent::Sealed {
+                        segment: sref,
+                        offset: at,
+                        end,
+                        events,
+                        dropped,
+                    }
+                }
+                SegmentItem::Corrupt { .. } => {
+                    stats.corrupt_bytes += len;
                     if seg.corrupt_end != Some(at) {
                         stats.corrupt_occurrences += 1;
                     }
-                    seg.corrupt_end = Some(at + skip as u64);
+                    seg.corrupt_end = Some(end);
                     if !seg.corruption_logged {
                         seg.corruption_logged = true;
-                        warn!(segment = %sref.name, offset = at, bytes = skip, "corrupt bytes skipped (logged once per segment)");
+                        warn!(segment = %sref.name, offset = at, bytes = len, "corrupt bytes skipped (logged once per segment)");
                     }
-                    on_frame(SegmentEvent::Corrupt {
+                    SegmentEvent::Corrupt {
                         segment: sref,
                         offset: at,
-                        len: skip as u64,
-                    });
+                        len,
+                    }
                 }
-                Decoded::Incomplete => break,
+            };
+            *offset = end;
+            stats.bytes += len;
+            poll.bytes += len;
+            *budget = budget.saturating_sub(len);
+            on_frame(event);
+            if sealed {
+                break 'read;
             }
             if *budget == 0 {
                 poll.more = true;
@@ -641,11 +635,11 @@ fn read_segment(
         if n == 0 {
             break; // at the end of what the file holds
         }
-        // Keep the incomplete rest and read on after it.
+        // Keep the undecided rest and read on after it.
+        let consumed = reader.consumed();
         buf.copy_within(consumed..filled, 0);
         start += consumed as u64;
         filled -= consumed;
-        consumed = 0;
     }
 
     if sealed {
