@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use logtally::aggregate::{Decimal, MetricValue, Row, RuleRows};
 use logtally::config;
-use logtally::store::{CheckpointEntry, Store};
+use logtally::db::{CheckpointEntry, Store};
 use logtally_e2e::postgres::TestPostgres;
 use logtally_e2e::prometheus::http_get;
 use logtally_spool::{encode_event, SegmentWriter, SegmentWriterConfig};

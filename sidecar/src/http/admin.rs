@@ -22,8 +22,8 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::metrics::Metrics;
-use crate::status::{SharedStatus, Status};
+use super::metrics::Metrics;
+use super::status::{SharedStatus, Status};
 
 /// How long a client may take to send its request headers (slow clients must not pin
 /// connections forever).
@@ -124,7 +124,7 @@ fn handle(state: &AdminState, method: &Method, path: &str, now_ms: u64) -> Respo
         }
         "/status" => {
             let status = state.status.snapshot();
-            let verdict = crate::status::readiness(&status, now_ms);
+            let verdict = super::status::readiness(&status, now_ms);
             let body = StatusBody {
                 ready: verdict.is_ok(),
                 not_ready_reason: verdict.err().map(|e| e.to_string()),
@@ -172,7 +172,7 @@ fn text(code: StatusCode, body: &str) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{FlushOutcome, FlushStatus};
+    use crate::http::status::{FlushOutcome, FlushStatus};
     use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;

@@ -25,14 +25,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
 use tracing::{debug, error, info, warn};
 
-use crate::admin::{self, AdminState};
 use crate::aggregate::{Aggregator, DrainedRows};
 use crate::binlog::{self, Binlog, BinlogRecord};
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::status::{self, FlushStatus, SharedStatus, Status};
-use crate::store::{CheckpointEntry, FlushOutcome, Store, StoreError};
-use crate::tail::{Position, SegmentEvent, Tailer, TailerOptions};
+use crate::db::{CheckpointEntry, FlushOutcome, Store, StoreError};
+use crate::http::admin::{self, AdminState};
+use crate::http::metrics::Metrics;
+use crate::http::status::{self, FlushStatus, SharedStatus, Status};
+use crate::spool::tail::{Position, SegmentEvent, Tailer, TailerOptions};
 
 /// Bytes of spool one reader poll may consume before it looks at its commands again.
 const POLL_BUDGET: u64 = 4 << 20;
@@ -113,7 +113,7 @@ enum Command {
 /// What the reader shows the async side between drains (for `/status`).
 #[derive(Debug, Default, Clone)]
 struct ReaderView {
-    segments: Vec<crate::tail::SegmentStatus>,
+    segments: Vec<crate::spool::tail::SegmentStatus>,
     /// Oldest event time per segment read since the last drain.
     oldest_ms: HashMap<String, u64>,
     pending_keys: usize,
@@ -129,7 +129,7 @@ struct Reader {
     view: Arc<Mutex<ReaderView>>,
     full: Arc<Notify>,
     oldest_ms: HashMap<String, u64>,
-    reported: crate::tail::TailStats,
+    reported: crate::spool::tail::TailStats,
     reported_bad: Vec<Vec<u64>>,
     torn_discarded: u64,
     stopped: bool,
