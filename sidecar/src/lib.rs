@@ -17,3 +17,11 @@ pub mod db;
 pub mod http;
 pub mod run;
 pub mod spool;
+
+/// The wall clock in ms since the Unix epoch, for timestamps (status, binlog, lag). The
+/// pure modules never call it: they take `now` as an argument.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

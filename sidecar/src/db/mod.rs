@@ -21,6 +21,8 @@ mod store;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+pub(crate) use checkpoint::{compare_checkpoint, CheckpointState};
 pub use checkpoint::{CheckpointEntry, FlushOutcome};
 pub use error::StoreError;
 pub use numeric::SqlNumeric;

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::metrics::Metrics;
 use super::status::{SharedStatus, Status};
+use crate::now_ms;
 
 /// How long a client may take to send its request headers (slow clients must not pin
 /// connections forever).
@@ -80,12 +81,6 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
         () = graceful.shutdown() => debug!("admin server stopped"),
         () = tokio::time::sleep(SHUTDOWN_GRACE) => warn!("admin connections still open at shutdown"),
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `/status` body: the snapshot plus the readiness verdict at the time of the request.
