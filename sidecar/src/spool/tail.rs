@@ -51,8 +51,7 @@ use logtally_spool::{
 };
 use tracing::{debug, info, warn};
 
-pub use super::liveness::Liveness;
-use super::liveness::{self, name_pid, WriterCheck};
+use super::liveness::{self, name_pid, Liveness, WriterCheck};
 use super::segment::{read_segment, Seg};
 
 /// Where reading a segment stands: a checkpoint entry.

@@ -1,7 +1,7 @@
 //! Benchmarks, run by hand (ignored by `cargo test`):
 //!
 //! ```text
-//! cargo test --release -p logtally --test store_bench -- --ignored --nocapture --test-threads 1
+//! cargo test --release -p logtally --test integration store_bench -- --ignored --nocapture --test-threads 1
 //! ```
 //!
 //! - `flush_100k_rows`: one flush (one transaction: 100,000 aggregate rows of one rule plus
