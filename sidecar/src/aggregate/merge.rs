@@ -8,7 +8,7 @@ use crate::config::{MetricKind, Rule};
 
 /// Combines rows the way the store's additive upsert does (count and sum add, min/max keep
 /// the extreme): the pure model of what the database holds after several flushes. `parts`
-/// may hold several `RuleRows` for the same rule. Output as [`Aggregator::drain`]'s: one
+/// may hold several `RuleRows` for the same rule. Output as [`Aggregator::drain`](super::Aggregator::drain)'s: one
 /// entry per rule index seen, sorted by rule, rows sorted by `(bucket_ms, dims)`.
 pub fn merge_rows(rules: &[Rule], parts: impl IntoIterator<Item = RuleRows>) -> Vec<RuleRows> {
     use std::collections::btree_map::{BTreeMap, Entry};

@@ -9,7 +9,7 @@
 //! - this file: [`run`] (admin server + loop), the **async loop** that asks for a drain every
 //!   `flush_interval` (or sooner when the reader is full), commits it, retries failures with
 //!   capped exponential backoff while new records keep aggregating into the next batch, and
-//!   on shutdown makes a final flush in bounded time; and [`PgDatabase`], the engine's
+//!   on shutdown makes a final flush in bounded time; and `PgDatabase`, the engine's
 //!   database on PostgreSQL.
 
 mod engine;

@@ -7,7 +7,7 @@
 //! dead), and the segment has not grown for the grace period. A pid reused by an unrelated
 //! process keeps a segment waiting until a newer segment of that pid appears or the process
 //! ends (the cost is delay, never loss). Liveness by lock, which crosses pid namespaces,
-//! replaces this file's rule when it comes; the tailer asks only [`WriterCheck::gone`].
+//! replaces this file's rule when it comes; the tailer asks only `WriterCheck::gone`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
