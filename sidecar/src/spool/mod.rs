@@ -7,6 +7,8 @@
 //! - `dump.rs`: `logtally dump`, segments as JSON lines.
 //!
 //! Frames are walked by `logtally_spool::SegmentReader` in both the tailer and the dump.
+//! What else the sidecar keeps in or learns from the spool folder (a node id stored there,
+//! the folder's file system and free space) belongs here too.
 
 pub mod dump;
 pub mod liveness;
