@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use logtally::aggregate::Aggregator;
 use logtally::config::{Metric, MetricKind, Rule};
-use logtally::tail::{SegmentEvent, Tailer, TailerOptions};
+use logtally::spool::tail::{SegmentEvent, Tailer, TailerOptions};
 use logtally_spool::{
     decode_frame, encode_event, encode_header, segment_file_name, Decoded, Frame, SegmentHeader,
 };

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::CheckpointEntry;
+use logtally_spool::sync_dir;
+
+use crate::db::CheckpointEntry;
 
 /// The record format version written into every line.
 pub const BINLOG_VERSION: u32 = 1;
@@ -101,10 +103,6 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BinlogError + '_ {
         path: path.to_path_buf(),
         source,
     }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 fn parent_of(path: &Path) -> PathBuf {

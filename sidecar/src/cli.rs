@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use logtally::{config, daemon, dump, store};
+use logtally::spool::dump;
+use logtally::{config, db, run};
 
 /// Aggregates nginx events from the logtally spool into PostgreSQL, exactly once.
 #[derive(Debug, Parser)]
@@ -82,7 +83,7 @@ fn run_daemon(path: &Path) -> anyhow::Result<()> {
         }
     }
     runtime()?.block_on(async {
-        daemon::run(config, None, shutdown_signal())
+        run::run(config, None, shutdown_signal())
             .await
             .context("logtally run")
     })
@@ -142,12 +143,12 @@ pub fn check(path: &Path, database: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let tables = runtime()?
-        .block_on(store::check(&config))
+        .block_on(db::check(&config))
         .with_context(|| format!("database {}", config::redact_url(&config.database_url)))?;
     for (table, state) in tables {
         let state = match state {
-            store::TableState::Ok => "ok",
-            store::TableState::Missing => "missing (run creates it)",
+            db::TableState::Ok => "ok",
+            db::TableState::Missing => "missing (run creates it)",
         };
         writeln!(out, "table {table}: {state}")?;
     }

@@ -33,13 +33,15 @@ pub enum HeaderError {
     TooManyFields(usize),
 }
 
-/// Whether `name` may be a field name: it becomes a column name in the sidecar's tables.
-pub(crate) fn valid_field_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= MAX_FIELD_NAME_LEN
-        && !b[0].is_ascii_digit()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+/// Whether `name` may be a field name: 1 to [`MAX_FIELD_NAME_LEN`] bytes of `[A-Za-z0-9_]`,
+/// not starting with a digit (a field name becomes a column name in the sidecar's tables).
+/// The one definition of the rule: the header codec checks what it writes and reads with it,
+/// the sidecar a rule's field names; the module is to adopt it for `logtally_field`.
+pub fn is_valid_field_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_FIELD_NAME_LEN
+        && !name[0].is_ascii_digit()
+        && name.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
 }
 
 impl SegmentHeader {
@@ -48,7 +50,11 @@ impl SegmentHeader {
         if self.fields.len() > MAX_FIELDS {
             return Err(HeaderError::TooManyFields(self.fields.len()));
         }
-        match self.fields.iter().find(|f| !valid_field_name(f)) {
+        match self
+            .fields
+            .iter()
+            .find(|f| !is_valid_field_name(f.as_bytes()))
+        {
             Some(bad) => Err(HeaderError::FieldName(bad.clone())),
             None => Ok(()),
         }
@@ -126,10 +132,12 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<(SegmentHeader, usize)>, Heade
         let name = body
             .get(at + 1..at + 1 + n)
             .ok_or(HeaderError::Malformed("field list truncated"))?;
-        let name = String::from_utf8_lossy(name).into_owned();
-        if !valid_field_name(&name) {
-            return Err(HeaderError::FieldName(name));
+        if !is_valid_field_name(name) {
+            return Err(HeaderError::FieldName(
+                String::from_utf8_lossy(name).into_owned(),
+            ));
         }
+        let name = String::from_utf8_lossy(name).into_owned();
         fields.push(name);
         at += 1 + n;
     }

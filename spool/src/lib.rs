@@ -1,27 +1,31 @@
 //! The logtally spool: the one place where the on-disk format lives.
 //!
 //! The nginx module appends records with [`encode_event`] and friends and writes segment
-//! files with [`SegmentWriter`]; the sidecar reads them back with [`decode_header`] and
-//! [`decode_frame`]. `FORMAT.md` beside this crate specifies every byte; the constants and
-//! functions here are its executable form.
+//! files with [`SegmentWriter`]; the sidecar reads them back with [`decode_header`] and a
+//! [`SegmentReader`] (which walks frames with [`decode_frame`]). `FORMAT.md` beside this
+//! crate specifies every byte; the constants and functions here are its executable form.
 //!
 //! Decoding is pure (bytes in, frames out, no I/O) and tells three outcomes apart that a
 //! tailing reader must never confuse: a complete frame, a torn tail (more bytes may still
 //! come: wait), and corruption (skip the reported number of bytes and go on).
 
 mod decode;
+mod dir;
 mod encode;
 mod header;
 mod lock;
+mod reader;
 mod varint;
 mod writer;
 
-pub use decode::{decode_frame, Decoded, Frame, Record, ScanItem, SegmentScan, Values};
+pub use decode::{decode_frame, Decoded, Frame, Record, Values};
+pub use dir::sync_dir;
 pub use encode::{encode_drop_marker, encode_event, encode_seal, EncodedEvent};
-pub use header::{decode_header, encode_header, HeaderError, SegmentHeader};
+pub use header::{decode_header, encode_header, is_valid_field_name, HeaderError, SegmentHeader};
 pub use lock::{
     classify_file_system, spool_file_system, writer_lock_state, FileSystemKind, WriterLock,
 };
+pub use reader::{ScanItem, SegmentItem, SegmentReader, SegmentScan};
 pub use writer::{
     is_segment_file_name, segment_file_name, SegmentWriter, SegmentWriterConfig, WrittenSegment,
 };

@@ -218,10 +218,6 @@ pub struct SegmentWriter {
     cleaned: bool,
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 /// Whether `link(2)` failed because the file system has no hard links (EPERM, EOPNOTSUPP).
 fn no_hard_links(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(1 | 95))
@@ -349,7 +345,7 @@ impl SegmentWriter {
         let _ = std::fs::remove_file(&temp);
         let path = linked?;
         if self.config.fsync {
-            sync_dir(&self.config.dir)?;
+            crate::sync_dir(&self.config.dir)?;
         }
         Ok(self.current.insert(OpenSegment {
             file,

@@ -1,9 +1,9 @@
 //! Property tests of the spool format: round trips, every truncation point, every flipped
-//! bit, and arbitrary bytes.
+//! bit, and arbitrary bytes; and the v1 fixture, a segment made once from FORMAT.md.
 
 use logtally_spool::{
     decode_frame, decode_header, encode_drop_marker, encode_event, encode_header, encode_seal,
-    Decoded, Frame, ScanItem, SegmentHeader, SegmentScan, MAX_VALUE_LEN,
+    Decoded, Frame, SegmentHeader, SegmentItem, SegmentReader, MAX_VALUE_LEN,
 };
 use proptest::prelude::*;
 
@@ -49,6 +49,18 @@ fn encode(items: &[Item]) -> Vec<u8> {
     out
 }
 
+/// The frames a reader finds in `bytes` (from file offset 0), or what else it found first.
+fn frames(bytes: &[u8]) -> Result<Vec<Item>, String> {
+    let mut got = Vec::new();
+    for it in SegmentReader::new(bytes, 0) {
+        match it.frame() {
+            Some(frame) => got.push(to_item(frame)),
+            None => return Err(format!("{it:?}")),
+        }
+    }
+    Ok(got)
+}
+
 fn to_item(frame: Frame<'_>) -> Item {
     match frame {
         Frame::Event(r) => Item::Event(
@@ -87,17 +99,8 @@ proptest! {
     #[test]
     fn frames_round_trip(items in proptest::collection::vec(item(), 0..20)) {
         let bytes = encode(&items);
-        let mut scan = SegmentScan::new(&bytes);
-        let mut got = Vec::new();
-        for it in scan.by_ref() {
-            match it {
-                ScanItem::Frame { frame, .. } => got.push(to_item(frame)),
-                ScanItem::Corrupt { offset, len } => prop_assert!(false, "corrupt at {offset} len {len}"),
-            }
-        }
-        prop_assert_eq!(scan.remaining(), 0);
         let want: Vec<Item> = items.iter().map(truncated).collect();
-        prop_assert_eq!(got, want);
+        prop_assert_eq!(frames(&bytes), Ok(want));
     }
 
     #[test]
@@ -112,29 +115,32 @@ proptest! {
     }
 
     /// Cutting a valid stream anywhere leaves the whole frames before the cut readable and
-    /// the rest an incomplete tail: never a wrong frame, never corruption.
+    /// the rest a torn tail: never a wrong frame, never corruption.
     #[test]
     fn every_truncation_point_is_a_torn_tail(items in proptest::collection::vec(item(), 1..6)) {
         let bytes = encode(&items);
-        let mut ends = Vec::new();
-        for it in SegmentScan::new(&bytes) {
-            if let ScanItem::Frame { offset, len, .. } = it { ends.push(offset + len); }
-        }
+        let ends: Vec<u64> = SegmentReader::new(&bytes, 0).map(|it| it.offset() + it.len() as u64).collect();
         for cut in 0..bytes.len() {
-            let mut scan = SegmentScan::new(&bytes[..cut]);
+            let mut reader = SegmentReader::new(&bytes[..cut], 0);
             let mut n = 0;
-            for it in scan.by_ref() {
+            let mut torn = None;
+            for it in reader.by_ref() {
+                prop_assert!(torn.is_none(), "an item after the torn tail at cut {}", cut);
                 match it {
-                    ScanItem::Frame { frame, .. } => {
-                        prop_assert_eq!(to_item(frame), truncated(&items[n]));
+                    SegmentItem::Torn { offset, len } => torn = Some((offset, len)),
+                    SegmentItem::Corrupt { .. } => prop_assert!(false, "corruption at cut {}", cut),
+                    frame => {
+                        prop_assert_eq!(to_item(frame.frame().unwrap()), truncated(&items[n]));
                         n += 1;
                     }
-                    ScanItem::Corrupt { .. } => prop_assert!(false, "corruption at cut {}", cut),
                 }
             }
-            let whole = ends.iter().filter(|&&e| e <= cut).count();
+            let whole = ends.iter().filter(|&&e| e <= cut as u64).count();
             prop_assert_eq!(n, whole, "cut {}", cut);
-            prop_assert_eq!(scan.offset(), if whole == 0 { 0 } else { ends[whole - 1] });
+            let end = if whole == 0 { 0 } else { ends[whole - 1] };
+            prop_assert_eq!(reader.offset(), end);
+            let want = (end < cut as u64).then(|| (end, cut - end as usize));
+            prop_assert_eq!(torn, want, "cut {}", cut);
         }
     }
 
@@ -149,8 +155,9 @@ proptest! {
         let mut bad = good.clone();
         bad[pos] ^= 1 << bit;
         let mut frames = Vec::new();
-        for it in SegmentScan::new(&bad) {
-            if let ScanItem::Frame { offset, len, frame } = it {
+        for it in SegmentReader::new(&bad, 0) {
+            if let Some(frame) = it.frame() {
+                let (offset, len) = (it.offset() as usize, it.len());
                 // Every frame read must be byte-identical to a frame of the good stream.
                 prop_assert!(!(offset..offset + len).contains(&pos), "frame over flipped byte accepted");
                 prop_assert_eq!(&bad[offset..offset + len], &good[offset..offset + len]);
@@ -160,12 +167,22 @@ proptest! {
         prop_assert!(frames.len() < items.len());
     }
 
+    /// Garbage never panics, and every item but a torn tail consumes bytes: the items tile
+    /// the buffer from the start offset on, and a torn tail covers the rest exactly.
     #[test]
-    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+    fn arbitrary_bytes_are_tiled_by_items(bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+                                          start in any::<u32>()) {
         let _ = decode_header(&bytes);
-        let mut scan = SegmentScan::new(&bytes);
-        for _ in scan.by_ref() {}
-        prop_assert!(scan.offset() <= bytes.len());
+        let start = u64::from(start);
+        let mut reader = SegmentReader::new(&bytes, start);
+        let mut at = start;
+        for it in reader.by_ref() {
+            prop_assert_eq!(it.offset(), at);
+            prop_assert!(!it.is_empty());
+            at += it.len() as u64;
+        }
+        prop_assert_eq!(at, start + bytes.len() as u64);
+        prop_assert!(reader.offset() <= at);
     }
 }
 
@@ -216,21 +233,92 @@ fn zeros_are_corrupt_not_frames() {
 fn resync_finds_the_next_frame_after_garbage() {
     let mut out = vec![0xAB; 37];
     encode_event(&mut out, 1, [Some(&b"a"[..])]);
-    let items: Vec<_> = SegmentScan::new(&out).collect();
-    assert!(matches!(items[0], ScanItem::Corrupt { offset: 0, .. }));
+    let items: Vec<_> = SegmentReader::new(&out, 1000).collect();
+    assert!(matches!(
+        items[0],
+        SegmentItem::Corrupt { offset: 1000, .. }
+    ));
     let corrupt: usize = items
         .iter()
-        .map(|i| {
-            if let ScanItem::Corrupt { len, .. } = i {
-                *len
-            } else {
-                0
-            }
+        .map(|i| match i {
+            SegmentItem::Corrupt { len, .. } => *len,
+            _ => 0,
         })
         .sum();
     assert_eq!(corrupt, 37);
     assert!(matches!(
         items.last(),
-        Some(ScanItem::Frame { offset: 37, .. })
+        Some(SegmentItem::Event { offset: 1037, .. })
     ));
+}
+
+/// The v1 fixture: a sealed segment written once by `fixtures/make_v1.py` from FORMAT.md
+/// alone. Its bytes are read back value by value, and the encoder must make them again, so
+/// a change to both the encoder and the decoder cannot pass unnoticed.
+#[test]
+fn v1_fixture_decodes_to_its_known_values() {
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/v1.seg"
+    ))
+    .expect("fixture");
+    assert_eq!(bytes.len(), 442);
+    assert_eq!(&bytes[..10], b"LTSPOOL\0\x01\x00", "magic and version 1");
+
+    let header = SegmentHeader {
+        writer_pid: 4242,
+        created_ms: 1_764_300_000_123,
+        fields: ["ad", "ev", "status", "ua"].map(String::from).into(),
+    };
+    let (got, header_len) = decode_header(&bytes).unwrap().unwrap();
+    assert_eq!((got, header_len), (header.clone(), 46));
+
+    let long = [b'x'; 200];
+    fn v(s: &[u8]) -> Option<Vec<u8>> {
+        Some(s.to_vec())
+    }
+    let want: Vec<(u64, usize, Item)> = vec![
+        (
+            46,
+            45,
+            Item::Event(
+                1_764_300_000_200,
+                vec![v(b"7"), v(b"view"), v(b"200"), v(b"Mozilla/5.0")],
+            ),
+        ),
+        (
+            91,
+            28,
+            Item::Event(1_764_300_000_201, vec![None, v(b""), v(b"404")]),
+        ),
+        (
+            119,
+            235,
+            Item::Event(
+                1_764_300_000_202,
+                vec![v(b"\xff\x00a"), v(b"click"), None, v(&long)],
+            ),
+        ),
+        (354, 29, Item::Dropped(1_764_300_000_300, 3)),
+        (383, 22, Item::Event(1_764_300_000_301, vec![])),
+        (405, 37, Item::Seal(1_764_300_000_400, 4, 3)),
+    ];
+    let mut reader = SegmentReader::new(&bytes[header_len..], header_len as u64);
+    let got: Vec<(u64, usize, Item)> = reader
+        .by_ref()
+        .map(|it| {
+            let frame = it.frame().unwrap_or_else(|| panic!("not a frame: {it:?}"));
+            (it.offset(), it.len(), to_item(frame))
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(reader.offset(), bytes.len() as u64);
+
+    // The encoder makes the same bytes from the same values.
+    let mut again = Vec::new();
+    encode_header(&header, &mut again).unwrap();
+    for (_, _, item) in &want {
+        again.extend(encode(std::slice::from_ref(item)));
+    }
+    assert_eq!(again, bytes);
 }

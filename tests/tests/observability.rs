@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use logtally::admin::{serve, AdminState};
-use logtally::metrics::Metrics;
-use logtally::status::{SharedStatus, Status};
+use logtally::http::admin::{serve, AdminState};
+use logtally::http::metrics::Metrics;
+use logtally::http::status::{SharedStatus, Status};
 use logtally_e2e::prometheus::{http_get, promtool, TestPrometheus};
 
 fn repo_file(rel: &str) -> PathBuf {

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Config, MetricKind, Rule};
-use crate::tail::{self, Position};
+use crate::config::{Config, Rule};
+use crate::spool::tail::{self, Position};
 
 /// Everything `/status` reports. The run loop owns the truth and copies it here as it
 /// changes; the admin server only reads.
@@ -110,17 +110,9 @@ impl From<&Rule> for RuleStatus {
         let metrics = rule
             .metrics
             .iter()
-            .map(|m| {
-                let agg = match &m.kind {
-                    MetricKind::Count => "count".to_string(),
-                    MetricKind::Sum(f) => format!("sum({f})"),
-                    MetricKind::Min(f) => format!("min({f})"),
-                    MetricKind::Max(f) => format!("max({f})"),
-                };
-                RuleMetricStatus {
-                    column: m.column.clone(),
-                    aggregate: agg,
-                }
+            .map(|m| RuleMetricStatus {
+                column: m.column.clone(),
+                aggregate: m.kind.to_string(),
             })
             .collect();
         RuleStatus {
@@ -191,7 +183,7 @@ impl Status {
     }
 
     /// Replaces the per-segment view and the lag totals from the tailer's segments
-    /// ([`crate::tail::Tailer::segments`]), the committed checkpoint (segment → position) and,
+    /// ([`crate::spool::tail::Tailer::segments`]), the committed checkpoint (segment → position) and,
     /// per segment, the time of the oldest event read but not yet committed.
     pub fn sync_segments(
         &mut self,
@@ -304,7 +296,7 @@ impl SharedStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Metric;
+    use crate::config::{Metric, MetricKind};
 
     const T0: u64 = 1_764_300_000_000;
 

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use logtally::aggregate::{merge_rows, Aggregator, RuleRows};
 use logtally::config::{Metric, MetricKind, Rule};
-use logtally::tail::{Liveness, Position, SegmentEvent, Tailer, TailerOptions};
+use logtally::spool::liveness::Liveness;
+use logtally::spool::tail::{Position, SegmentEvent, Tailer, TailerOptions};
 use logtally_spool::{encode_event, encode_header, encode_seal, segment_file_name, SegmentHeader};
 use proptest::prelude::*;
 

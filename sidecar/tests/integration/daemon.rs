@@ -72,7 +72,7 @@ metrics = {{ n = "count", rt = "sum(rt)", rt_min = "min(rt)" }}
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(logtally::daemon::run(cfg, Some(listener), async move {
+    let daemon = tokio::spawn(logtally::run::run(cfg, Some(listener), async move {
         let _ = stop_rx.await;
     }));
 

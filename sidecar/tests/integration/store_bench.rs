@@ -1,7 +1,7 @@
 //! Benchmarks, run by hand (ignored by `cargo test`):
 //!
 //! ```text
-//! cargo test --release -p logtally --test store_bench -- --ignored --nocapture --test-threads 1
+//! cargo test --release -p logtally --test integration store_bench -- --ignored --nocapture --test-threads 1
 //! ```
 //!
 //! - `flush_100k_rows`: one flush (one transaction: 100,000 aggregate rows of one rule plus
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use logtally::aggregate::{Decimal, MetricValue, Row, RuleRows};
 use logtally::config;
-use logtally::store::{CheckpointEntry, Store};
+use logtally::db::{CheckpointEntry, Store};
 use logtally_e2e::postgres::TestPostgres;
 use logtally_e2e::prometheus::http_get;
 use logtally_spool::{encode_event, SegmentWriter, SegmentWriterConfig};

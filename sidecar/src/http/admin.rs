@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -22,8 +22,9 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::metrics::Metrics;
-use crate::status::{SharedStatus, Status};
+use super::metrics::Metrics;
+use super::status::{SharedStatus, Status};
+use crate::now_ms;
 
 /// How long a client may take to send its request headers (slow clients must not pin
 /// connections forever).
@@ -82,12 +83,6 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// `/status` body: the snapshot plus the readiness verdict at the time of the request.
 #[derive(Serialize)]
 struct StatusBody<'a> {
@@ -124,7 +119,7 @@ fn handle(state: &AdminState, method: &Method, path: &str, now_ms: u64) -> Respo
         }
         "/status" => {
             let status = state.status.snapshot();
-            let verdict = crate::status::readiness(&status, now_ms);
+            let verdict = super::status::readiness(&status, now_ms);
             let body = StatusBody {
                 ready: verdict.is_ok(),
                 not_ready_reason: verdict.err().map(|e| e.to_string()),
@@ -172,7 +167,7 @@ fn text(code: StatusCode, body: &str) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{FlushOutcome, FlushStatus};
+    use crate::http::status::{FlushOutcome, FlushStatus};
     use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;

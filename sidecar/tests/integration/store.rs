@@ -6,7 +6,7 @@ use std::path::Path;
 
 use logtally::aggregate::{Decimal, MetricValue, Row, RuleRows};
 use logtally::config::{self, Config};
-use logtally::store::{self, CheckpointEntry, FlushOutcome, Store, StoreError, TableState};
+use logtally::db::{self, CheckpointEntry, FlushOutcome, Store, StoreError, TableState};
 use logtally_e2e::postgres::TestPostgres;
 use tokio_postgres::{Client, NoTls};
 
@@ -82,7 +82,7 @@ async fn creates_tables_upserts_additively_and_moves_the_checkpoint() {
     let pg = TestPostgres::start();
     let url = pg.create_database().await;
     let cfg = config(&url);
-    let states = store::check(&cfg).await.unwrap();
+    let states = db::check(&cfg).await.unwrap();
     assert!(
         states.iter().all(|(_, s)| *s == TableState::Missing),
         "{states:?}"
@@ -90,7 +90,7 @@ async fn creates_tables_upserts_additively_and_moves_the_checkpoint() {
 
     let mut s = Store::connect(&cfg).await.unwrap();
     assert_eq!(
-        store::check(&cfg).await.unwrap(),
+        db::check(&cfg).await.unwrap(),
         vec![
             ("ad_events_1m".into(), TableState::Ok),
             ("logtally_checkpoint".into(), TableState::Ok)
@@ -220,7 +220,7 @@ async fn refuses_a_table_of_the_wrong_shape_and_says_what_differs() {
     }
     assert!(!err.is_transient());
     // `check` says the same, and creates nothing.
-    let err = store::check(&cfg).await.unwrap_err().to_string();
+    let err = db::check(&cfg).await.unwrap_err().to_string();
     assert!(err.contains("column ev (text) is missing"), "{err}");
     let exists: bool = c
         .query_one("SELECT to_regclass('logtally_checkpoint') IS NOT NULL", &[])
@@ -240,7 +240,7 @@ async fn unreachable_database_is_a_transient_connect_error() {
     let cfg = config(&format!(
         "postgres://nobody@127.0.0.1:{port}/x?connect_timeout=2"
     ));
-    let err = store::check(&cfg).await.unwrap_err();
+    let err = db::check(&cfg).await.unwrap_err();
     assert!(err.is_transient());
     let text = err.to_string();
     assert!(text.contains(&format!("127.0.0.1:{port}/x")), "{text}");
@@ -299,7 +299,7 @@ async fn concurrent_flushes_of_two_nodes_on_the_same_keys_add_up() {
 
 #[tokio::test]
 async fn decimals_reach_postgresql_exactly_in_binary() {
-    use logtally::store::SqlNumeric;
+    use logtally::db::SqlNumeric;
     let pg = TestPostgres::start();
     let url = pg.create_database().await;
     let c = client(&url).await;

@@ -14,7 +14,7 @@ use prometheus::{
 use std::sync::Mutex;
 
 use crate::config::Rule;
-use crate::tail::TailStats;
+use crate::spool::tail::TailStats;
 
 /// Flush duration buckets (seconds): a healthy flush is milliseconds, a struggling database
 /// pushes it to seconds, and the retry backoff caps what one attempt can take.
@@ -242,7 +242,7 @@ impl Metrics {
     }
 
     /// Brings the spool-reading counters up to a tailer's cumulative totals
-    /// ([`crate::tail::Tailer::stats`]): call it after each poll. Counters move by the
+    /// ([`crate::spool::tail::Tailer::stats`]): call it after each poll. Counters move by the
     /// difference since the previous call; totals that went down (a new tailer) count from 0.
     pub fn sync_tail(&self, now: &TailStats) {
         let mut seen = self.tail_seen.lock().unwrap_or_else(|e| e.into_inner());

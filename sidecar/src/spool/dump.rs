@@ -22,7 +22,7 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 
 use logtally_spool::{
-    decode_frame, decode_header, is_segment_file_name, Decoded, Frame, SegmentHeader,
+    decode_header, is_segment_file_name, SegmentHeader, SegmentItem, SegmentReader,
     FRAME_HEADER_LEN, MAX_PAYLOAD_LEN,
 };
 
@@ -101,17 +101,16 @@ pub fn dump_reader(
     let names: Vec<String> = header.fields.iter().map(|f| json_string(f)).collect();
 
     let mut start = 0u64; // file offset of buf[0]
-    let mut consumed = header_len;
+    let mut from = header_len; // where in buf the frames start
     let mut corrupt: Option<(u64, u64)> = None; // a run of skipped bytes being gathered
+    let mut torn = None;
     loop {
-        while consumed < filled {
-            let at = start + consumed as u64;
-            let decoded = decode_frame(&buf[consumed..filled]);
-            if let Decoded::Corrupt { skip } = decoded {
-                let run = corrupt.get_or_insert((at, 0));
-                run.1 += skip as u64;
-                summary.corrupt_bytes += skip as u64;
-                consumed += skip;
+        let mut reader = SegmentReader::new(&buf[from..filled], start + from as u64);
+        for item in reader.by_ref() {
+            let at = item.offset();
+            if let SegmentItem::Corrupt { len, .. } = item {
+                corrupt.get_or_insert((at, 0)).1 += len as u64;
+                summary.corrupt_bytes += len as u64;
                 continue;
             }
             if let Some((off, len)) = corrupt.take() {
@@ -120,19 +119,15 @@ pub fn dump_reader(
                     r#"{{"segment":{seg},"offset":{off},"corrupt_bytes":{len}}}"#
                 )?;
             }
-            let Decoded::Frame { frame, len } = decoded else {
-                break;
-            };
-            consumed += len;
-            match frame {
-                Frame::Event(r) => {
+            match item {
+                SegmentItem::Event { record, .. } => {
                     summary.events += 1;
                     write!(
                         out,
                         r#"{{"segment":{seg},"offset":{at},"time_ms":{},"fields":{{"#,
-                        r.time_ms
+                        record.time_ms
                     )?;
-                    let mut values = r.values();
+                    let mut values = record.values();
                     for (i, name) in names.iter().enumerate() {
                         if i > 0 {
                             out.write_all(b",")?;
@@ -145,32 +140,37 @@ pub fn dump_reader(
                     }
                     writeln!(out, "}}}}")?;
                 }
-                Frame::Dropped { time_ms, count } => {
+                SegmentItem::Dropped { time_ms, count, .. } => {
                     writeln!(
                         out,
                         r#"{{"segment":{seg},"offset":{at},"time_ms":{time_ms},"dropped":{count}}}"#
                     )?;
                 }
-                Frame::Seal {
+                SegmentItem::Seal {
                     time_ms,
                     events,
                     dropped,
+                    ..
                 } => writeln!(
                     out,
                     r#"{{"segment":{seg},"offset":{at},"time_ms":{time_ms},"sealed":{{"events":{events},"dropped":{dropped}}}}}"#
                 )?,
+                SegmentItem::Torn { len, .. } => torn = Some((at, len)),
+                SegmentItem::Corrupt { .. } => {}
             }
         }
         // Keep the undecided rest, read more after it.
+        let consumed = from + reader.consumed();
         buf.copy_within(consumed..filled, 0);
         start += consumed as u64;
         filled -= consumed;
-        consumed = 0;
+        from = 0;
         let before = filled;
         filled = fill(&mut input, &mut buf, filled)?;
         if filled == before {
             break;
         }
+        torn = None;
     }
     if let Some((off, len)) = corrupt.take() {
         writeln!(
@@ -178,10 +178,8 @@ pub fn dump_reader(
             r#"{{"segment":{seg},"offset":{off},"corrupt_bytes":{len}}}"#
         )?;
     }
-    if filled > consumed {
-        let torn = filled - consumed;
+    if let Some((off, torn)) = torn {
         summary.torn_bytes += torn as u64;
-        let off = start + consumed as u64;
         writeln!(
             out,
             r#"{{"segment":{seg},"offset":{off},"torn_bytes":{torn}}}"#
@@ -265,8 +263,8 @@ mod tests {
     fn events_drops_and_seal() {
         let mut b = segment();
         let hlen = decode_header(&b).unwrap().unwrap().1;
-        let first_len = match decode_frame(&b[hlen..]) {
-            Decoded::Frame { len, .. } => len,
+        let first_len = match SegmentReader::new(&b[hlen..], hlen as u64).next() {
+            Some(SegmentItem::Event { len, .. }) => len,
             other => panic!("{other:?}"),
         };
         encode_drop_marker(&mut b, 1002, 3);

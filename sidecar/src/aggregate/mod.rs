@@ -1,0 +1,458 @@
+//! Aggregation: a pure function of records and rules — no I/O, no clock.
+//!
+//! What a flush hands to the store: [`RuleRows`] of [`Row`]s (tests, tools), or the
+//! [`DrainedRows`] the daemon drains, the same rows in the aggregator's compact form, built
+//! into [`Row`]s a chunk at a time. Files:
+//! - `mod.rs`: the [`Aggregator`] (layouts, grouping, accumulators);
+//! - `decimal.rs`: [`Decimal`], how a field value becomes an exact number;
+//! - `key.rs`: the encoded `(bucket, dims)` key in the key arena;
+//! - `drained.rs`: [`DrainedRows`];
+//! - `merge.rs`: [`merge_rows`], the pure model of the store's additive upsert.
+//!
+//! New aggregates (distinct counts, quantile sketches, conditional counts) belong here too,
+//! each a pure type with its insert, merge and encoding, beside the accumulators.
+//!
+//! How records become rows:
+//! - a segment header's field list is mapped to each rule's field indices once
+//!   ([`Aggregator::layout`], or [`Aggregator::add_cached`] which caches the layout of the
+//!   segment being read); records are then grouped by `(bucket, dims)` where the bucket is
+//!   the event time floored to the rule's bucket (aligned on the Unix epoch);
+//! - a dim's value is the field's bytes as UTF-8: invalid sequences become U+FFFD and NUL bytes
+//!   are removed (PostgreSQL `text` cannot hold NUL). Absent fields, fields the segment does
+//!   not declare and empty values are all the empty string. Two raw values that normalise to
+//!   the same text share a row;
+//! - a numeric metric's field is parsed as a [`Decimal`]. Absent, undeclared or empty values
+//!   are "no value" (not counted anywhere); any other unparsable value, such as nginx's `-` for
+//!   a missing upstream time, is a *bad value*: counted per metric ([`Aggregator::bad_values`]),
+//!   never an error (a sum that would overflow `i128` counts its value as bad too, though
+//!   values below 10¹⁸ make that need ~10¹¹ events in one row). `sum` adds valid values (0
+//!   when there are none), `min`/`max` are `None` when no event of the row had a valid value;
+//! - [`Aggregator::drain`] (and [`Aggregator::drain_compact`]) returns rows sorted by
+//!   `(bucket, dims)`: deterministic output, and concurrent sidecars upserting the same keys
+//!   lock rows in the same order.
+//!
+//! Performance: keys are encoded into a reusable buffer and looked up by hash in a
+//! `hashbrown::HashTable` of indices into a key arena, so an event whose key already exists
+//! allocates nothing.
+
+mod decimal;
+mod drained;
+mod key;
+mod merge;
+
+pub use decimal::Decimal;
+pub use drained::DrainedRows;
+pub use merge::{combine_kind, merge_rows};
+
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+use logtally_spool::{Record, MAX_FIELDS};
+
+use crate::config::{MetricKind, Rule};
+use key::{cmp_keys, key_bytes, push_dim};
+
+/// A flushed aggregate row of one rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// Bucket start, ms since the Unix epoch (event time floored to the rule's bucket).
+    pub bucket_ms: i64,
+    /// One value per `group_by` column: the field's bytes as UTF-8 (invalid sequences replaced
+    /// by U+FFFD, NUL bytes removed); a missing field is the empty string.
+    pub dims: Vec<String>,
+    /// One value per metric column, in rule order: `Count` → `MetricValue::Count`, the others
+    /// `MetricValue::Decimal` (`None` for min/max with no valid value; sum is never `None`).
+    pub metrics: Vec<MetricValue>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricValue {
+    Count(i64),
+    Decimal(Option<Decimal>),
+}
+
+/// Everything one rule accumulated since the last flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRows {
+    /// Index into `Config::rules`.
+    pub rule: usize,
+    pub rows: Vec<Row>,
+}
+
+/// No field at this position (absent from the header).
+const MISSING: u8 = u8::MAX;
+
+/// How one segment's fields map to one rule's dims and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RuleLayout {
+    /// Record index of each group_by field, or [`MISSING`].
+    dims: Vec<u8>,
+    /// Record index of each metric's field, or [`MISSING`] (also for `count`).
+    metrics: Vec<u8>,
+}
+
+/// A segment header's field list mapped to every rule's field indices. Build it once per
+/// segment with [`Aggregator::layout`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    rules: Vec<RuleLayout>,
+    /// One past the highest record index any rule reads: values after it are not decoded.
+    needed: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Acc {
+    Count,
+    Sum,
+    Min,
+    Max,
+}
+
+impl Acc {
+    fn initial(self) -> i128 {
+        match self {
+            Acc::Count | Acc::Sum => 0,
+            // Parsed values are far inside these bounds, so they mean "no value yet".
+            Acc::Min => i128::MAX,
+            Acc::Max => i128::MIN,
+        }
+    }
+}
+
+/// Where a key's bytes sit in the arena, and the index of its accumulators. Held in the
+/// hash table itself so a lookup touches the table and the arena only.
+#[derive(Debug, Clone, Copy)]
+struct KeyRef {
+    off: u32,
+    len: u32,
+    idx: u32,
+}
+
+/// One rule's pending aggregates.
+#[derive(Debug)]
+struct RuleState {
+    bucket_ms: i64,
+    /// The bucket of the previous event (start, end, index in `tables`): consecutive events
+    /// nearly always share it, and this saves a division and a search.
+    last_bucket: (i64, i64, usize),
+    accs_kind: Vec<Acc>,
+    /// One hash table per bucket: events arrive in time order, so the current bucket's
+    /// small table stays in cache while older buckets' keys sit idle.
+    tables: Vec<(i64, HashTable<KeyRef>)>,
+    /// Bucket start → index in `tables` (events far out of order must not cost a scan).
+    table_index: hashbrown::HashMap<i64, usize>,
+    /// Keys in insertion order (for draining).
+    keys: Vec<KeyRef>,
+    /// Encoded keys, back to back: bucket (8 bytes LE) then per dim a u16 LE length and bytes.
+    arena: Vec<u8>,
+    /// `accs_kind.len()` accumulators per key, in key order.
+    accs: Vec<i128>,
+    /// Bad values per metric since the aggregator was made.
+    bad: Vec<u64>,
+}
+
+/// Accumulates records into per-rule rows until [`drain`](Aggregator::drain)ed.
+#[derive(Debug)]
+pub struct Aggregator {
+    rules: Vec<RuleState>,
+    /// Field names each rule reads: (dims, metric fields).
+    fields: Vec<(Vec<String>, Vec<Option<String>>)>,
+    hasher: DefaultHashBuilder,
+    key: Vec<u8>,
+    text: String,
+    cached: Option<(u64, Layout)>,
+    events: u64,
+}
+
+impl Aggregator {
+    pub fn new(rules: &[Rule]) -> Aggregator {
+        let states = rules
+            .iter()
+            .map(|r| {
+                let accs_kind: Vec<Acc> = r
+                    .metrics
+                    .iter()
+                    .map(|m| match m.kind {
+                        MetricKind::Count => Acc::Count,
+                        MetricKind::Sum(_) => Acc::Sum,
+                        MetricKind::Min(_) => Acc::Min,
+                        MetricKind::Max(_) => Acc::Max,
+                    })
+                    .collect();
+                RuleState {
+                    bucket_ms: r.bucket_ms().max(1),
+                    last_bucket: (i64::MAX, i64::MAX, 0),
+                    bad: vec![0; accs_kind.len()],
+                    accs_kind,
+                    tables: Vec::new(),
+                    table_index: hashbrown::HashMap::new(),
+                    keys: Vec::new(),
+                    arena: Vec::new(),
+                    accs: Vec::new(),
+                }
+            })
+            .collect();
+        let fields = rules
+            .iter()
+            .map(|r| {
+                let metrics = r
+                    .metrics
+                    .iter()
+                    .map(|m| m.kind.field().map(str::to_owned))
+                    .collect();
+                (r.group_by.clone(), metrics)
+            })
+            .collect();
+        Aggregator {
+            rules: states,
+            fields,
+            hasher: DefaultHashBuilder::default(),
+            key: Vec::with_capacity(256),
+            text: String::new(),
+            cached: None,
+            events: 0,
+        }
+    }
+
+    /// Maps a segment header's field names to every rule's record indices.
+    pub fn layout(&self, header_fields: &[String]) -> Layout {
+        let index = |name: &str| -> u8 {
+            header_fields
+                .iter()
+                .take(MAX_FIELDS)
+                .position(|f| f == name)
+                .map_or(MISSING, |i| i as u8)
+        };
+        let rules: Vec<RuleLayout> = self
+            .fields
+            .iter()
+            .map(|(dims, metrics)| RuleLayout {
+                dims: dims.iter().map(|d| index(d)).collect(),
+                metrics: metrics
+                    .iter()
+                    .map(|m| m.as_deref().map_or(MISSING, index))
+                    .collect(),
+            })
+            .collect();
+        let needed = rules
+            .iter()
+            .flat_map(|r| r.dims.iter().chain(&r.metrics))
+            .filter(|&&i| i != MISSING)
+            .map(|&i| usize::from(i) + 1)
+            .max()
+            .unwrap_or(0);
+        Layout { rules, needed }
+    }
+
+    /// Adds one record of a segment whose fields `layout` was built from.
+    #[inline]
+    pub fn add(&mut self, layout: &Layout, record: &Record<'_>) {
+        add_with(
+            &mut self.rules,
+            &self.hasher,
+            &mut self.key,
+            &mut self.text,
+            layout,
+            record,
+        );
+        self.events += 1;
+    }
+
+    /// Adds one record, building the layout only when `segment` differs from the previous
+    /// call's (callers give each segment a distinct id, e.g. the tailer's segment id).
+    #[inline]
+    pub fn add_cached(&mut self, segment: u64, header_fields: &[String], record: &Record<'_>) {
+        let layout = match self.cached.take() {
+            Some((id, layout)) if id == segment => layout,
+            _ => self.layout(header_fields),
+        };
+        self.add(&layout, record);
+        self.cached = Some((segment, layout));
+    }
+
+    /// Distinct keys pending, summed over all rules.
+    pub fn pending_keys(&self) -> usize {
+        self.rules.iter().map(|r| r.keys.len()).sum()
+    }
+
+    /// Records added since the aggregator was made.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// Bad (unparsable) values per rule and metric since the aggregator was made.
+    pub fn bad_values(&self) -> Vec<Vec<u64>> {
+        self.rules.iter().map(|r| r.bad.clone()).collect()
+    }
+
+    /// Takes every pending row, leaving the aggregator empty. One [`RuleRows`] per rule, in
+    /// rule order (possibly with no rows), rows sorted by `(bucket_ms, dims)`.
+    ///
+    /// Every row is materialised at once: convenient for tests and models. The daemon uses
+    /// [`drain_compact`](Aggregator::drain_compact), which keeps the rows compact.
+    pub fn drain(&mut self) -> Vec<RuleRows> {
+        self.drain_compact()
+            .into_iter()
+            .map(DrainedRows::into_rule_rows)
+            .collect()
+    }
+
+    /// Takes every pending row in compact form, leaving the aggregator empty with its memory
+    /// released. One [`DrainedRows`] per rule, in rule order (possibly empty), sorted by
+    /// `(bucket_ms, dims)`.
+    ///
+    /// The key arena and accumulators move out as they are (no copy) and the hash tables are
+    /// freed, so a drained batch costs less than the same keys pending; rows are only built a
+    /// chunk at a time when the store binds them ([`DrainedRows::rows`]).
+    pub fn drain_compact(&mut self) -> Vec<DrainedRows> {
+        self.rules
+            .iter_mut()
+            .enumerate()
+            .map(|(rule, st)| {
+                // Dropping (not clearing) the tables returns their memory: a flush must not
+                // hold a full-size empty table next to the batch it is writing.
+                st.tables = Vec::new();
+                st.table_index = hashbrown::HashMap::new();
+                st.last_bucket = (i64::MAX, i64::MAX, 0);
+                let mut keys = std::mem::take(&mut st.keys);
+                let arena = std::mem::take(&mut st.arena);
+                let accs = std::mem::take(&mut st.accs);
+                keys.sort_unstable_by(|a, b| cmp_keys(key_bytes(&arena, a), key_bytes(&arena, b)));
+                DrainedRows {
+                    rule,
+                    accs_kind: st.accs_kind.clone(),
+                    keys,
+                    arena,
+                    accs,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Decodes the values a layout needs into `vals`, then adds the record to every rule.
+#[inline]
+fn add_with(
+    rules: &mut [RuleState],
+    hasher: &DefaultHashBuilder,
+    key: &mut Vec<u8>,
+    text: &mut String,
+    layout: &Layout,
+    record: &Record<'_>,
+) {
+    // Small stack arrays for the common case: initialising 64 slots per event costs more
+    // than the rest of the decode.
+    if layout.needed <= 8 {
+        add_n::<8>(rules, hasher, key, text, layout, record)
+    } else if layout.needed <= 16 {
+        add_n::<16>(rules, hasher, key, text, layout, record)
+    } else {
+        add_n::<MAX_FIELDS>(rules, hasher, key, text, layout, record)
+    }
+}
+
+#[inline]
+fn add_n<const N: usize>(
+    rules: &mut [RuleState],
+    hasher: &DefaultHashBuilder,
+    key: &mut Vec<u8>,
+    text: &mut String,
+    layout: &Layout,
+    record: &Record<'_>,
+) {
+    let mut vals: [Option<&[u8]>; N] = [None; N];
+    let mut values = record.values();
+    for slot in vals.iter_mut().take(layout.needed) {
+        match values.next() {
+            Some(v) => *slot = v,
+            None => break,
+        }
+    }
+    let get = |i: u8| {
+        if i == MISSING {
+            None
+        } else {
+            vals[usize::from(i)]
+        }
+    };
+    let time = i64::try_from(record.time_ms).unwrap_or(i64::MAX);
+
+    for (st, rl) in rules.iter_mut().zip(&layout.rules) {
+        let (bucket, t) = if time >= st.last_bucket.0 && time < st.last_bucket.1 {
+            (st.last_bucket.0, st.last_bucket.2)
+        } else {
+            let b = time - time.rem_euclid(st.bucket_ms);
+            let tables = &mut st.tables;
+            let t = *st.table_index.entry(b).or_insert_with(|| {
+                tables.push((b, HashTable::new()));
+                tables.len() - 1
+            });
+            st.last_bucket = (b, b.saturating_add(st.bucket_ms), t);
+            (b, t)
+        };
+        let table = &mut st.tables[t].1;
+        key.clear();
+        key.extend_from_slice(&bucket.to_le_bytes());
+        for &d in &rl.dims {
+            push_dim(key, text, get(d).unwrap_or(b""));
+        }
+        let hash = hasher.hash_one(&key[..]);
+        let n = st.accs_kind.len();
+        let arena = &st.arena;
+        let found = table.find(hash, |k| {
+            k.len as usize == key.len()
+                && arena[k.off as usize..(k.off + k.len) as usize] == key[..]
+        });
+        let idx = match found {
+            Some(k) => k.idx as usize,
+            None => {
+                let k = KeyRef {
+                    off: st.arena.len() as u32,
+                    len: key.len() as u32,
+                    idx: st.keys.len() as u32,
+                };
+                st.keys.push(k);
+                st.arena.extend_from_slice(key);
+                st.accs.extend(st.accs_kind.iter().map(|a| a.initial()));
+                let arena = &st.arena;
+                // Rehashing (when the table grows) recomputes hashes from the arena.
+                table.insert_unique(hash, k, |k| {
+                    hasher.hash_one(&arena[k.off as usize..(k.off + k.len) as usize])
+                });
+                k.idx as usize
+            }
+        };
+        let accs = &mut st.accs[idx * n..(idx + 1) * n];
+        for (m, ((acc, &kind), &fi)) in accs
+            .iter_mut()
+            .zip(&st.accs_kind)
+            .zip(&rl.metrics)
+            .enumerate()
+        {
+            if kind == Acc::Count {
+                *acc += 1;
+                continue;
+            }
+            let raw = match get(fi) {
+                Some(raw) if !raw.is_empty() => raw,
+                _ => continue,
+            };
+            let Some(Decimal(v)) = Decimal::parse(raw) else {
+                st.bad[m] += 1;
+                continue;
+            };
+            match kind {
+                Acc::Sum => match acc.checked_add(v) {
+                    Some(s) => *acc = s,
+                    None => st.bad[m] += 1,
+                },
+                Acc::Min => *acc = (*acc).min(v),
+                Acc::Max => *acc = (*acc).max(v),
+                Acc::Count => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,372 @@
+//! Unit and property tests of aggregation and decimals.
+
+use super::*;
+use crate::config::Metric;
+use logtally_spool::{decode_frame, encode_event, Decoded, Frame};
+use proptest::prelude::*;
+
+fn d(s: &str) -> Option<Decimal> {
+    Decimal::parse(s.as_bytes())
+}
+
+fn rule(table: &str, bucket_s: u64, group_by: &[&str], metrics: &[(&str, MetricKind)]) -> Rule {
+    Rule {
+        table: table.into(),
+        bucket: std::time::Duration::from_secs(bucket_s),
+        group_by: group_by.iter().map(|s| s.to_string()).collect(),
+        metrics: metrics
+            .iter()
+            .map(|(c, k)| Metric {
+                column: c.to_string(),
+                kind: k.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn ad_rules() -> Vec<Rule> {
+    vec![
+        rule(
+            "ad_1m",
+            60,
+            &["ad", "ev"],
+            &[
+                ("events", MetricKind::Count),
+                ("bytes", MetricKind::Sum("bytes".into())),
+                ("rt_max", MetricKind::Max("rt".into())),
+                ("rt_min", MetricKind::Min("rt".into())),
+            ],
+        ),
+        rule("all_1h", 3600, &[], &[("n", MetricKind::Count)]),
+    ]
+}
+
+fn fields(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// Encodes and decodes one event, then hands its record to `f`.
+fn with_record<R>(time_ms: u64, values: &[Option<&[u8]>], f: impl FnOnce(&Record<'_>) -> R) -> R {
+    let mut buf = Vec::new();
+    encode_event(&mut buf, time_ms, values.iter().copied());
+    match decode_frame(&buf) {
+        Decoded::Frame {
+            frame: Frame::Event(r),
+            ..
+        } => f(&r),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn s(v: &str) -> Option<&[u8]> {
+    Some(v.as_bytes())
+}
+
+fn dec(v: &str) -> MetricValue {
+    MetricValue::Decimal(d(v))
+}
+
+#[test]
+fn groups_and_accumulates() {
+    let rules = ad_rules();
+    let mut agg = Aggregator::new(&rules);
+    let header = fields(&["ad", "ev", "bytes", "rt"]);
+    let layout = agg.layout(&header);
+    let t0 = 1_764_300_000_000u64; // a whole minute
+    let events: Vec<(u64, [Option<&[u8]>; 4])> = vec![
+        (t0, [s("7"), s("view"), s("100"), s("0.005")]),
+        (t0 + 59_999, [s("7"), s("view"), s("50"), s("0.250")]),
+        (t0 + 60_000, [s("7"), s("view"), s("1"), s("-")]),
+        (t0 + 1, [s("7"), s("click"), None, None]),
+        (t0 + 2, [s("7"), s("click"), s(""), s("")]),
+    ];
+    for (t, v) in &events {
+        with_record(*t, v, |r| agg.add(&layout, r));
+    }
+    assert_eq!(agg.pending_keys(), 3 + 1);
+    assert_eq!(agg.events(), 5);
+    assert_eq!(agg.bad_values(), vec![vec![0, 0, 1, 1], vec![0]]);
+    let out = agg.drain();
+    assert_eq!(agg.pending_keys(), 0);
+    let b0 = t0 as i64;
+    assert_eq!(
+        out[0].rows,
+        vec![
+            Row {
+                bucket_ms: b0,
+                dims: fields(&["7", "click"]),
+                metrics: vec![
+                    MetricValue::Count(2),
+                    dec("0"),
+                    MetricValue::Decimal(None),
+                    MetricValue::Decimal(None)
+                ],
+            },
+            Row {
+                bucket_ms: b0,
+                dims: fields(&["7", "view"]),
+                metrics: vec![MetricValue::Count(2), dec("150"), dec("0.25"), dec("0.005")],
+            },
+            Row {
+                bucket_ms: b0 + 60_000,
+                dims: fields(&["7", "view"]),
+                metrics: vec![
+                    MetricValue::Count(1),
+                    dec("1"),
+                    MetricValue::Decimal(None),
+                    MetricValue::Decimal(None)
+                ],
+            },
+        ]
+    );
+    let hour = b0 - b0 % 3_600_000;
+    assert_eq!(
+        out[1],
+        RuleRows {
+            rule: 1,
+            rows: vec![Row {
+                bucket_ms: hour,
+                dims: vec![],
+                metrics: vec![MetricValue::Count(5)]
+            }]
+        }
+    );
+    assert!(
+        agg.drain().iter().all(|r| r.rows.is_empty()),
+        "drain empties"
+    );
+}
+
+#[test]
+fn missing_fields_and_other_orders() {
+    let rules = ad_rules();
+    let mut agg = Aggregator::new(&rules);
+    // A segment without `ev` and `rt`, fields in another order, and a short record.
+    let layout = agg.layout(&fields(&["bytes", "x", "ad"]));
+    with_record(1000, &[s("5"), s("q"), s("9")], |r| agg.add(&layout, r));
+    with_record(2000, &[s("6")], |r| agg.add(&layout, r));
+    let out = agg.drain();
+    let dims: Vec<_> = out[0]
+        .rows
+        .iter()
+        .map(|r| (r.dims.clone(), r.metrics[1]))
+        .collect();
+    assert_eq!(
+        dims,
+        vec![
+            (fields(&["", ""]), dec("6")),
+            (fields(&["9", ""]), dec("5"))
+        ]
+    );
+}
+
+#[test]
+fn non_utf8_and_nul_dims() {
+    let rules = vec![rule("t", 60, &["ua"], &[("n", MetricKind::Count)])];
+    let mut agg = Aggregator::new(&rules);
+    let header = fields(&["ua"]);
+    for v in [&b"a\xffb"[..], b"a\xffb", b"a\0b", b"ab", b"caf\xc3\xa9"] {
+        with_record(0, &[Some(v)], |r| agg.add_cached(1, &header, r));
+    }
+    let rows = agg.drain().remove(0).rows;
+    let got: Vec<(String, MetricValue)> = rows
+        .into_iter()
+        .map(|r| (r.dims[0].clone(), r.metrics[0]))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("ab".to_string(), MetricValue::Count(2)),
+            ("a\u{fffd}b".to_string(), MetricValue::Count(2)),
+            ("café".to_string(), MetricValue::Count(1)),
+        ]
+    );
+}
+
+#[test]
+fn layout_cache_follows_segment_id() {
+    let rules = vec![rule("t", 60, &["a"], &[("n", MetricKind::Count)])];
+    let mut agg = Aggregator::new(&rules);
+    let h1 = fields(&["a", "b"]);
+    let h2 = fields(&["b", "a"]);
+    with_record(0, &[s("x"), s("y")], |r| agg.add_cached(1, &h1, r));
+    with_record(0, &[s("x"), s("y")], |r| agg.add_cached(2, &h2, r));
+    let rows = agg.drain().remove(0).rows;
+    let dims: Vec<&str> = rows.iter().map(|r| r.dims[0].as_str()).collect();
+    assert_eq!(dims, ["x", "y"]);
+}
+
+#[test]
+fn many_fields_use_the_wide_path() {
+    let names: Vec<String> = (0..40).map(|i| format!("f{i}")).collect();
+    let rules = vec![rule(
+        "t",
+        60,
+        &["f39"],
+        &[("s", MetricKind::Sum("f20".into()))],
+    )];
+    let mut agg = Aggregator::new(&rules);
+    let layout = agg.layout(&names);
+    let vals: Vec<String> = (0..40).map(|i| i.to_string()).collect();
+    let v: Vec<Option<&[u8]>> = vals.iter().map(|x| Some(x.as_bytes())).collect();
+    with_record(0, &v, |r| agg.add(&layout, r));
+    let rows = agg.drain().remove(0).rows;
+    assert_eq!(rows[0].dims, ["39"]);
+    assert_eq!(rows[0].metrics, vec![dec("20")]);
+}
+
+#[test]
+fn merge_models_the_upsert() {
+    let rules = ad_rules();
+    let a = RuleRows {
+        rule: 0,
+        rows: vec![Row {
+            bucket_ms: 0,
+            dims: fields(&["1", "v"]),
+            metrics: vec![
+                MetricValue::Count(1),
+                dec("2"),
+                dec("3"),
+                MetricValue::Decimal(None),
+            ],
+        }],
+    };
+    let b = RuleRows {
+        rule: 0,
+        rows: vec![Row {
+            bucket_ms: 0,
+            dims: fields(&["1", "v"]),
+            metrics: vec![MetricValue::Count(2), dec("0.5"), dec("1"), dec("-1")],
+        }],
+    };
+    let m = merge_rows(&rules, [a, b]);
+    assert_eq!(
+        m[0].rows[0].metrics,
+        vec![MetricValue::Count(3), dec("2.5"), dec("3"), dec("-1")]
+    );
+}
+
+#[test]
+fn compact_drain_frees_and_chunks_like_drain() {
+    let rules = ad_rules();
+    let header = fields(&["ad", "ev", "bytes", "rt"]);
+    let fill = |agg: &mut Aggregator| {
+        for i in 0..500u64 {
+            let ad = format!("{}", (i * 7919) % 97);
+            let ev = ["view", "click", ""][(i % 3) as usize];
+            let t = 1_764_300_000_000 + (i % 4) * 60_000;
+            with_record(t, &[s(&ad), s(ev), s("3"), s("0.5")], |r| {
+                agg.add_cached(1, &header, r)
+            });
+        }
+    };
+    let mut a = Aggregator::new(&rules);
+    let mut b = Aggregator::new(&rules);
+    fill(&mut a);
+    fill(&mut b);
+    let whole = a.drain();
+    let compact = b.drain_compact();
+    assert_eq!(b.pending_keys(), 0);
+    assert!(b.rules.iter().all(|st| st.tables.is_empty()
+        && st.arena.capacity() == 0
+        && st.accs.capacity() == 0
+        && st.keys.capacity() == 0));
+    assert_eq!(compact.len(), whole.len());
+    for (c, w) in compact.iter().zip(&whole) {
+        assert_eq!(c.rule, w.rule);
+        assert_eq!(c.len(), w.rows.len());
+        let mut chunked = Vec::new();
+        for start in (0..c.len()).step_by(37) {
+            chunked.extend(c.rows(start..(start + 37).min(c.len())));
+        }
+        assert_eq!(chunked, w.rows);
+    }
+    assert!(whole[0].rows.len() > 300, "{}", whole[0].rows.len());
+    // The emptied aggregator takes new keys.
+    fill(&mut b);
+    assert_eq!(b.drain(), whole);
+}
+
+// ---- properties ----
+
+type Ev = (u64, Vec<Option<Vec<u8>>>);
+
+fn value_strategy() -> impl Strategy<Value = Option<Vec<u8>>> {
+    prop_oneof![
+        Just(None),
+        Just(Some(Vec::new())),
+        (0u8..4).prop_map(|v| Some(vec![b'a' + v])),
+        (-500i64..500, 0u32..1000).prop_map(|(i, f)| Some(format!("{i}.{f:03}").into_bytes())),
+        Just(Some(b"-".to_vec())),
+        Just(Some(b"\xff\0".to_vec())),
+    ]
+}
+
+fn events_strategy() -> impl Strategy<Value = Vec<Ev>> {
+    prop::collection::vec(
+        (0u64..400_000, prop::collection::vec(value_strategy(), 0..5)),
+        0..60,
+    )
+}
+
+fn prop_rules() -> Vec<Rule> {
+    vec![
+        rule(
+            "r0",
+            60,
+            &["a", "b"],
+            &[
+                ("n", MetricKind::Count),
+                ("s", MetricKind::Sum("c".into())),
+                ("lo", MetricKind::Min("c".into())),
+                ("hi", MetricKind::Max("d".into())),
+            ],
+        ),
+        rule("r1", 3600, &["d"], &[("s", MetricKind::Sum("a".into()))]),
+    ]
+}
+
+fn aggregate(rules: &[Rule], events: &[Ev]) -> Vec<RuleRows> {
+    let mut agg = Aggregator::new(rules);
+    let header = fields(&["a", "b", "c", "d"]);
+    for (t, vals) in events {
+        let v: Vec<Option<&[u8]>> = vals.iter().map(|x| x.as_deref()).collect();
+        with_record(*t, &v, |r| agg.add_cached(7, &header, r));
+    }
+    agg.drain()
+}
+
+/// Drops rules without rows so outputs of drain and merge compare equal.
+fn non_empty(rows: Vec<RuleRows>) -> Vec<RuleRows> {
+    rows.into_iter().filter(|r| !r.rows.is_empty()).collect()
+}
+
+proptest! {
+    #[test]
+    fn sum_of_parts_equals_whole(events in events_strategy(), cut in 0usize..60) {
+        let rules = prop_rules();
+        let cut = cut.min(events.len());
+        let whole = aggregate(&rules, &events);
+        let parts = merge_rows(
+            &rules,
+            aggregate(&rules, &events[..cut]).into_iter().chain(aggregate(&rules, &events[cut..])),
+        );
+        prop_assert_eq!(non_empty(whole.clone()), non_empty(parts));
+        // The total count is the number of events.
+        let total: i64 = whole[0].rows.iter().map(|r| match r.metrics[0] {
+            MetricValue::Count(n) => n,
+            _ => 0,
+        }).sum();
+        prop_assert_eq!(total, events.len() as i64);
+    }
+
+    #[test]
+    fn merge_is_commutative(a in events_strategy(), b in events_strategy()) {
+        let rules = prop_rules();
+        let ra = aggregate(&rules, &a);
+        let rb = aggregate(&rules, &b);
+        let ab = merge_rows(&rules, ra.clone().into_iter().chain(rb.clone()));
+        let ba = merge_rows(&rules, rb.into_iter().chain(ra));
+        prop_assert_eq!(ab, ba);
+    }
+}

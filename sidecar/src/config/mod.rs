@@ -1,0 +1,463 @@
+//! The sidecar's configuration: TOML file → validated [`Config`]. Pure: text in, values or
+//! errors out (the only I/O is [`load`] reading the file and [`hostname`]).
+//!
+//! The types here are what the rest of the sidecar uses; each kind of value has one parser,
+//! in its own file, chosen by the key's type:
+//! - `duration.rs`: every duration key (`flush_interval`, `retain`, a rule's `bucket`, which
+//!   adds a rule of its own); `m` is minutes;
+//! - `size.rs`: every size key (`16m` = `16MiB`);
+//! - `names.rs`: table and column names (SQL identifiers, reserved words, the
+//!   `logtally_checkpoint` and `bucket` names logtally keeps) and field names (the spool's
+//!   rule);
+//! - `metric.rs`: what a rule computes (`count`, `sum(f)`, `min(f)`, `max(f)`).
+//!
+//! Rules decided here: every key has a default except `[[rule]]` (at least one is
+//! required); a rule's column names do not collide with each other or with `bucket`.
+//!
+//! Every error names the file and the key, e.g.
+//! `logtally.toml: rule[1].metrics.rt_max: unknown function "avg" (expected count, sum(f), min(f), max(f))`.
+
+mod duration;
+mod metric;
+mod names;
+mod size;
+
+pub use duration::{format_duration, parse_bucket, parse_duration};
+pub use metric::{parse_metric, Metric, MetricKind};
+pub use names::{
+    check_field_name, check_identifier, BUCKET_COLUMN, CHECKPOINT_TABLE, MAX_IDENT_LEN,
+};
+pub use size::{format_size, parse_size};
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use logtally_spool::MAX_FIELD_NAME_LEN;
+use serde::Deserialize;
+
+/// A whole, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub path: PathBuf,
+    pub spool_dir: PathBuf,
+    pub database_url: String,
+    /// Whose checkpoint this is (default: hostname).
+    pub node: String,
+    pub flush_interval: Duration,
+    pub listen: std::net::SocketAddr,
+    pub binlog: PathBuf,
+    /// Keep fully committed sealed segments this long before deleting (default 0).
+    pub retain: Duration,
+    /// Pending aggregate keys (all rules) above which reading pauses until a flush commits.
+    pub max_pending_keys: usize,
+    pub rules: Vec<Rule>,
+}
+
+/// One `[[rule]]`: a table of aggregates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Validated SQL identifier: `[a-z_][a-z0-9_]*`, at most 63 bytes.
+    pub table: String,
+    /// Bucket width.
+    pub bucket: Duration,
+    /// Spool field names grouped by; each becomes a `text` column of the same name.
+    pub group_by: Vec<String>,
+    /// Metric columns, in the order written in the file.
+    pub metrics: Vec<Metric>,
+}
+
+impl Rule {
+    /// Bucket width in milliseconds (always ≥ 1000).
+    pub fn bucket_ms(&self) -> i64 {
+        self.bucket.as_millis() as i64
+    }
+}
+
+/// The spool folder default.
+pub const DEFAULT_SPOOL_DIR: &str = "/var/spool/logtally";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://logtally@127.0.0.1/logtally";
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9187";
+pub const DEFAULT_BINLOG: &str = "/var/lib/logtally/binlog";
+pub const DEFAULT_MAX_PENDING_KEYS: usize = 1_000_000;
+
+/// Why a configuration is not usable. The `Display` form names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// TOML syntax errors, unknown keys and wrong types (toml's message names the line).
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {key}: {problem}")]
+    Invalid {
+        path: String,
+        key: String,
+        problem: Problem,
+    },
+}
+
+impl ConfigError {
+    /// The key the error is about, when it is about one key.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// What is wrong with one key's value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Problem {
+    #[error("bad duration {0:?} (expected an integer and a unit: ms, s, m, h, d, e.g. \"5s\")")]
+    BadDuration(String),
+    #[error(
+        "bad size {0:?} (expected an integer and an optional unit: k, m, g or KiB, MiB, GiB, \
+         e.g. \"16m\" or \"16MiB\")"
+    )]
+    BadSize(String),
+    #[error("must be greater than zero")]
+    Zero,
+    #[error(
+        "bad bucket {0:?} (expected whole seconds dividing a day, e.g. \"1m\", \"5m\", \"1h\", \
+         or whole days, e.g. \"1d\")"
+    )]
+    BadBucket(String),
+    #[error("bad address {0:?} (expected host:port, e.g. \"127.0.0.1:9187\")")]
+    BadAddress(String),
+    #[error(
+        "invalid name {0:?} (expected 1 to {MAX_IDENT_LEN} bytes of [a-z0-9_], not starting \
+         with a digit)"
+    )]
+    BadIdentifier(String),
+    #[error("{0:?} is reserved")]
+    Reserved(String),
+    #[error(
+        "invalid field name {0:?} (expected 1 to {MAX_FIELD_NAME_LEN} bytes of [A-Za-z0-9_], \
+         not starting with a digit)"
+    )]
+    BadFieldName(String),
+    #[error("unknown function {0:?} (expected count, sum(f), min(f), max(f))")]
+    UnknownFunction(String),
+    #[error("bad metric {0:?} (expected count, sum(f), min(f), max(f))")]
+    BadMetric(String),
+    #[error("column {0:?} is used twice in this rule")]
+    DuplicateColumn(String),
+    #[error("table {0:?} is already used by rule[{1}]")]
+    DuplicateTable(String, usize),
+    #[error("at least one [[rule]] is required")]
+    NoRules,
+    #[error("at least one metric is required")]
+    NoMetrics,
+    #[error("must not be empty")]
+    Empty,
+    #[error("cannot determine the hostname; set node explicitly")]
+    NoHostname,
+    /// Found by `logtally check` against the segment headers, not by [`parse`]: the file
+    /// alone cannot know nginx's `logtally_field` names.
+    #[error("field {field:?} is not in the spool (segments in {dir} declare: {declared})")]
+    NotInSpool {
+        field: String,
+        dir: String,
+        /// The declared names, comma-separated, as the message shows them.
+        declared: String,
+    },
+}
+
+/// The file as written; every key optional so defaults apply.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    spool_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    node: Option<String>,
+    flush_interval: Option<String>,
+    listen: Option<String>,
+    binlog: Option<PathBuf>,
+    retain: Option<String>,
+    max_pending_keys: Option<usize>,
+    #[serde(default)]
+    rule: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    table: String,
+    bucket: String,
+    #[serde(default)]
+    group_by: Vec<String>,
+    /// Column → function, in file order (toml's `preserve_order`).
+    metrics: toml::Table,
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates configuration text; `path` is only used in messages and kept in
+/// [`Config::path`].
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    parse_with_hostname(path, text, hostname)
+}
+
+fn parse_with_hostname(
+    path: &Path,
+    text: &str,
+    hostname: impl FnOnce() -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let shown = path.display().to_string();
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: shown.clone(),
+        message: e.to_string().trim_end().replace('\n', "\n  "),
+    })?;
+    let invalid = |key: &str, problem: Problem| ConfigError::Invalid {
+        path: shown.clone(),
+        key: key.to_string(),
+        problem,
+    };
+
+    let flush_interval = match raw.flush_interval {
+        Some(s) => parse_duration(&s).map_err(|p| invalid("flush_interval", p))?,
+        None => DEFAULT_FLUSH_INTERVAL,
+    };
+    if flush_interval.is_zero() {
+        return Err(invalid("flush_interval", Problem::Zero));
+    }
+    let retain = match raw.retain {
+        Some(s) => parse_duration(&s).map_err(|p| invalid("retain", p))?,
+        None => Duration::ZERO,
+    };
+    let listen_text = raw.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let listen: SocketAddr = listen_text
+        .parse()
+        .map_err(|_| invalid("listen", Problem::BadAddress(listen_text.clone())))?;
+    let max_pending_keys = raw.max_pending_keys.unwrap_or(DEFAULT_MAX_PENDING_KEYS);
+    if max_pending_keys == 0 {
+        return Err(invalid("max_pending_keys", Problem::Zero));
+    }
+    let database_url = raw
+        .database_url
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string());
+    if database_url.is_empty() {
+        return Err(invalid("database_url", Problem::Empty));
+    }
+    let node = match raw.node {
+        Some(n) if n.trim().is_empty() => return Err(invalid("node", Problem::Empty)),
+        Some(n) => n,
+        None => hostname().ok_or_else(|| invalid("node", Problem::NoHostname))?,
+    };
+    let spool_dir = raw.spool_dir.unwrap_or_else(|| DEFAULT_SPOOL_DIR.into());
+    if spool_dir.as_os_str().is_empty() {
+        return Err(invalid("spool_dir", Problem::Empty));
+    }
+    let binlog = raw.binlog.unwrap_or_else(|| DEFAULT_BINLOG.into());
+    if binlog.as_os_str().is_empty() {
+        return Err(invalid("binlog", Problem::Empty));
+    }
+
+    if raw.rule.is_empty() {
+        return Err(invalid("rule", Problem::NoRules));
+    }
+    let mut rules: Vec<Rule> = Vec::with_capacity(raw.rule.len());
+    for (i, r) in raw.rule.into_iter().enumerate() {
+        let key = |k: &str| format!("rule[{i}].{k}");
+        check_identifier(&r.table).map_err(|p| invalid(&key("table"), p))?;
+        if r.table == CHECKPOINT_TABLE {
+            return Err(invalid(&key("table"), Problem::Reserved(r.table)));
+        }
+        if let Some(j) = rules.iter().position(|o| o.table == r.table) {
+            return Err(invalid(&key("table"), Problem::DuplicateTable(r.table, j)));
+        }
+        let bucket = parse_bucket(&r.bucket).map_err(|p| invalid(&key("bucket"), p))?;
+
+        let mut columns: Vec<&str> = vec![BUCKET_COLUMN];
+        for (j, dim) in r.group_by.iter().enumerate() {
+            let k = key(&format!("group_by[{j}]"));
+            check_identifier(dim).map_err(|p| invalid(&k, p))?;
+            if columns.contains(&dim.as_str()) {
+                return Err(invalid(&k, column_clash(dim)));
+            }
+            columns.push(dim);
+        }
+        if r.metrics.is_empty() {
+            return Err(invalid(&key("metrics"), Problem::NoMetrics));
+        }
+        let mut metrics = Vec::with_capacity(r.metrics.len());
+        for (column, value) in &r.metrics {
+            let k = key(&format!("metrics.{column}"));
+            check_identifier(column).map_err(|p| invalid(&k, p))?;
+            if columns.contains(&column.as_str()) {
+                return Err(invalid(&k, column_clash(column)));
+            }
+            columns.push(column);
+            let text = match value {
+                toml::Value::String(s) => s.as_str(),
+                other => return Err(invalid(&k, Problem::BadMetric(other.to_string()))),
+            };
+            let kind = parse_metric(text).map_err(|p| invalid(&k, p))?;
+            metrics.push(Metric {
+                column: column.clone(),
+                kind,
+            });
+        }
+        rules.push(Rule {
+            table: r.table,
+            bucket,
+            group_by: r.group_by,
+            metrics,
+        });
+    }
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        spool_dir,
+        database_url,
+        node,
+        flush_interval,
+        listen,
+        binlog,
+        retain,
+        max_pending_keys,
+        rules,
+    })
+}
+
+fn column_clash(name: &str) -> Problem {
+    if name == BUCKET_COLUMN {
+        Problem::Reserved(name.to_string())
+    } else {
+        Problem::DuplicateColumn(name.to_string())
+    }
+}
+
+/// Every field a rule reads that no segment declares: one error per key (`rule[i].group_by[j]`,
+/// `rule[i].metrics.<column>`), in file order. `declared` is the union of the field lists of
+/// the segment headers in `config.spool_dir`; with no segment there is nothing to compare
+/// with, so callers skip this check rather than pass an empty list.
+pub fn fields_not_in_spool(config: &Config, declared: &[String]) -> Vec<ConfigError> {
+    let known = |f: &str| declared.iter().any(|d| d == f);
+    let listed = declared.join(", ");
+    let mut errors = Vec::new();
+    for (i, rule) in config.rules.iter().enumerate() {
+        let group_by = rule
+            .group_by
+            .iter()
+            .enumerate()
+            .map(|(j, f)| (format!("rule[{i}].group_by[{j}]"), f.as_str()));
+        let metrics = rule.metrics.iter().filter_map(|m| {
+            let f = m.kind.field()?;
+            Some((format!("rule[{i}].metrics.{}", m.column), f))
+        });
+        for (key, field) in group_by.chain(metrics) {
+            if !known(field) {
+                errors.push(ConfigError::Invalid {
+                    path: config.path.display().to_string(),
+                    key,
+                    problem: Problem::NotInSpool {
+                        field: field.to_string(),
+                        dir: config.spool_dir.display().to_string(),
+                        declared: listed.clone(),
+                    },
+                });
+            }
+        }
+    }
+    errors
+}
+
+/// The machine's hostname: the kernel's, else `/etc/hostname`, else the `hostname` command.
+pub fn hostname() -> Option<String> {
+    let from_file = |p: &str| std::fs::read_to_string(p).ok();
+    let from_cmd = || {
+        let out = std::process::Command::new("hostname").output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    [
+        from_file("/proc/sys/kernel/hostname"),
+        from_file("/etc/hostname"),
+    ]
+    .into_iter()
+    .flatten()
+    .chain(std::iter::once_with(from_cmd).flatten())
+    .map(|s| s.trim().to_string())
+    .find(|s| !s.is_empty())
+}
+
+impl Config {
+    /// A short human summary (for `logtally check`).
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "config        {}", self.path.display());
+        let _ = writeln!(s, "spool_dir     {}", self.spool_dir.display());
+        let _ = writeln!(s, "database_url  {}", redact_url(&self.database_url));
+        let _ = writeln!(s, "node          {}", self.node);
+        let _ = writeln!(
+            s,
+            "flush         every {}",
+            format_duration(self.flush_interval)
+        );
+        let _ = writeln!(s, "listen        {}", self.listen);
+        let _ = writeln!(s, "binlog        {}", self.binlog.display());
+        let _ = writeln!(s, "retain        {}", format_duration(self.retain));
+        let _ = writeln!(s, "max keys      {}", self.max_pending_keys);
+        for (i, r) in self.rules.iter().enumerate() {
+            let metrics: Vec<String> = r
+                .metrics
+                .iter()
+                .map(|m| format!("{} = {}", m.column, m.kind))
+                .collect();
+            let _ = writeln!(
+                s,
+                "rule[{i}]       {} bucket {} group_by [{}] metrics {{ {} }}",
+                r.table,
+                format_duration(r.bucket),
+                r.group_by.join(", "),
+                metrics.join(", ")
+            );
+        }
+        s
+    }
+}
+
+/// Hides a password in a connection URL (`postgres://user:secret@host` → `user:***@host`).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // A key=value connection string.
+        return url
+            .split(' ')
+            .map(|kv| {
+                if kv.starts_with("password=") {
+                    "password=***"
+                } else {
+                    kv
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    };
+    let Some((auth, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

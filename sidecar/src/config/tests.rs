@@ -1,0 +1,346 @@
+//! Unit tests of the configuration: parsing, defaults, and every error naming its key.
+
+use super::duration::DAY;
+use super::*;
+
+const RULE: &str = r#"
+[[rule]]
+table    = "ad_events_1m"
+bucket   = "1m"
+group_by = ["ad", "ev", "cmp"]
+metrics  = { events = "count", bytes = "sum(bytes)", rt_max = "max(rt)", rt_min = "min(rt)" }
+"#;
+
+fn p(text: &str) -> Result<Config, ConfigError> {
+    parse_with_hostname(Path::new("logtally.toml"), text, || Some("edge-9".into()))
+}
+
+fn err(text: &str) -> String {
+    p(text).expect_err("should fail").to_string()
+}
+
+#[test]
+fn defaults_apply() {
+    let c = p(RULE).unwrap();
+    assert_eq!(c.spool_dir, PathBuf::from("/var/spool/logtally"));
+    assert_eq!(c.database_url, "postgres://logtally@127.0.0.1/logtally");
+    assert_eq!(c.node, "edge-9");
+    assert_eq!(c.flush_interval, Duration::from_secs(5));
+    assert_eq!(c.listen, "127.0.0.1:9187".parse().unwrap());
+    assert_eq!(c.binlog, PathBuf::from("/var/lib/logtally/binlog"));
+    assert_eq!(c.retain, Duration::ZERO);
+    assert_eq!(c.max_pending_keys, 1_000_000);
+    assert_eq!(c.path, PathBuf::from("logtally.toml"));
+}
+
+#[test]
+fn full_file() {
+    let text = format!(
+        r#"
+spool_dir = "/tmp/spool"
+database_url = "postgres://u:pw@db/x"
+node = "edge-1"
+flush_interval = "100ms"
+listen = "0.0.0.0:9000"
+binlog = "/tmp/binlog"
+retain = "1h"
+max_pending_keys = 10
+{RULE}
+[[rule]]
+table = "daily"
+bucket = "1d"
+metrics = {{ n = "count" }}
+"#
+    );
+    let c = p(&text).unwrap();
+    assert_eq!(c.flush_interval, Duration::from_millis(100));
+    assert_eq!(c.retain, Duration::from_secs(3600));
+    assert_eq!(c.node, "edge-1");
+    assert_eq!(c.rules.len(), 2);
+    let r = &c.rules[0];
+    assert_eq!(r.table, "ad_events_1m");
+    assert_eq!(r.bucket_ms(), 60_000);
+    assert_eq!(r.group_by, ["ad", "ev", "cmp"]);
+    let cols: Vec<&str> = r.metrics.iter().map(|m| m.column.as_str()).collect();
+    assert_eq!(
+        cols,
+        ["events", "bytes", "rt_max", "rt_min"],
+        "file order kept"
+    );
+    assert_eq!(r.metrics[0].kind, MetricKind::Count);
+    assert_eq!(r.metrics[1].kind, MetricKind::Sum("bytes".into()));
+    assert_eq!(r.metrics[2].kind, MetricKind::Max("rt".into()));
+    assert_eq!(r.metrics[3].kind, MetricKind::Min("rt".into()));
+    assert_eq!(c.rules[1].group_by, Vec::<String>::new());
+    assert_eq!(c.rules[1].bucket, DAY);
+    assert!(c.summary().contains("u:***@db"), "{}", c.summary());
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
+    assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+    assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(2 * 86_400)));
+    for text in [
+        "0s", "100ms", "1500ms", "5s", "90s", "1m", "1h", "36h", "1d", "7d",
+    ] {
+        assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+    }
+    for bad in [
+        "",
+        "5",
+        "s",
+        "5 s",
+        "-5s",
+        "5.5s",
+        "5parsecs",
+        "1w",
+        "99999999999999999999d",
+    ] {
+        assert_eq!(
+            parse_duration(bad),
+            Err(Problem::BadDuration(bad.into())),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn bad_duration_names_key() {
+    let e = err(&format!("flush_interval = \"5 parsecs\"\n{RULE}"));
+    assert_eq!(e, "logtally.toml: flush_interval: bad duration \"5 parsecs\" (expected an integer and a unit: ms, s, m, h, d, e.g. \"5s\")");
+    let e = err(&format!("retain = \"soon\"\n{RULE}"));
+    assert!(
+        e.starts_with("logtally.toml: retain: bad duration \"soon\""),
+        "{e}"
+    );
+    let e = err(&format!("flush_interval = \"0s\"\n{RULE}"));
+    assert_eq!(
+        e,
+        "logtally.toml: flush_interval: must be greater than zero"
+    );
+}
+
+#[test]
+fn buckets() {
+    for ok in [
+        "1s", "30s", "1m", "5m", "15m", "1h", "12h", "1d", "7d", "86400s",
+    ] {
+        assert!(parse_bucket(ok).is_ok(), "{ok}");
+    }
+    for bad in ["0s", "7s", "100ms", "7m", "25h", "36h", "1500ms"] {
+        assert_eq!(
+            parse_bucket(bad),
+            Err(Problem::BadBucket(bad.into())),
+            "{bad}"
+        );
+    }
+    let e = err(&RULE.replace("\"1m\"", "\"7m\""));
+    assert!(
+        e.starts_with("logtally.toml: rule[0].bucket: bad bucket \"7m\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_function() {
+    let e = err(&RULE.replace("max(rt)", "avg(rt)"));
+    assert_eq!(
+        e,
+        "logtally.toml: rule[0].metrics.rt_max: unknown function \"avg\" (expected count, sum(f), min(f), max(f))"
+    );
+    let e = err(&RULE.replace("\"count\"", "\"total\""));
+    assert!(
+        e.contains("rule[0].metrics.events: unknown function \"total\""),
+        "{e}"
+    );
+    let e = err(&RULE.replace("sum(bytes)", "sum(bytes"));
+    assert!(
+        e.contains("rule[0].metrics.bytes: bad metric \"sum(bytes\""),
+        "{e}"
+    );
+    let e = err(&RULE.replace("sum(bytes)", "sum(by-tes)"));
+    assert!(
+        e.contains("rule[0].metrics.bytes: invalid field name \"by-tes\""),
+        "{e}"
+    );
+    let e = err(&RULE.replace("\"count\"", "3"));
+    assert!(
+        e.contains("rule[0].metrics.events: bad metric \"3\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn metric_forms() {
+    assert_eq!(
+        parse_metric(" sum( bytes ) "),
+        Ok(MetricKind::Sum("bytes".into()))
+    );
+    assert_eq!(parse_metric("count"), Ok(MetricKind::Count));
+    assert_eq!(
+        parse_metric("min(Rt_1)"),
+        Ok(MetricKind::Min("Rt_1".into()))
+    );
+    assert_eq!(
+        parse_metric("max()"),
+        Err(Problem::BadFieldName(String::new()))
+    );
+}
+
+#[test]
+fn identifiers() {
+    let e = err(&RULE.replace("ad_events_1m", "Ad-Events"));
+    assert!(
+        e.starts_with("logtally.toml: rule[0].table: invalid name \"Ad-Events\""),
+        "{e}"
+    );
+    let e = err(&RULE.replace("ad_events_1m", &"x".repeat(64)));
+    assert!(e.contains("rule[0].table: invalid name"), "{e}");
+    assert!(p(&RULE.replace("ad_events_1m", &"x".repeat(63))).is_ok());
+    let e = err(&RULE.replace("ad_events_1m", "logtally_checkpoint"));
+    assert_eq!(
+        e,
+        "logtally.toml: rule[0].table: \"logtally_checkpoint\" is reserved"
+    );
+    let e = err(&RULE.replace("\"cmp\"", "\"bucket\""));
+    assert_eq!(
+        e,
+        "logtally.toml: rule[0].group_by[2]: \"bucket\" is reserved"
+    );
+    let e = err(&RULE.replace("\"cmp\"", "\"1cmp\""));
+    assert!(
+        e.contains("rule[0].group_by[2]: invalid name \"1cmp\""),
+        "{e}"
+    );
+    let e = err(&RULE.replace("\"cmp\"", "\"select\""));
+    assert!(
+        e.contains("rule[0].group_by[2]: \"select\" is reserved"),
+        "{e}"
+    );
+    let e = err(&RULE.replace("events =", "bucket ="));
+    assert!(
+        e.contains("rule[0].metrics.bucket: \"bucket\" is reserved"),
+        "{e}"
+    );
+}
+
+#[test]
+fn collisions() {
+    let e = err(&RULE.replace("\"cmp\"", "\"ad\""));
+    assert_eq!(
+        e,
+        "logtally.toml: rule[0].group_by[2]: column \"ad\" is used twice in this rule"
+    );
+    let e = err(&RULE.replace("events =", "ev ="));
+    assert!(
+        e.contains("rule[0].metrics.ev: column \"ev\" is used twice"),
+        "{e}"
+    );
+    let e = err(&format!("{RULE}{RULE}"));
+    assert_eq!(
+        e,
+        "logtally.toml: rule[1].table: table \"ad_events_1m\" is already used by rule[0]"
+    );
+}
+
+#[test]
+fn structure_errors() {
+    assert_eq!(
+        err(""),
+        "logtally.toml: rule: at least one [[rule]] is required"
+    );
+    let e = err(&format!("spool = \"/x\"\n{RULE}"));
+    assert!(
+        e.starts_with("logtally.toml: ") && e.contains("unknown field `spool`"),
+        "{e}"
+    );
+    let e = err(&format!("{RULE}colour = \"red\"\n"));
+    assert!(e.contains("unknown field `colour`"), "{e}");
+    let e = err("[[rule]]\ntable = \"t\"\nbucket = \"1m\"\n");
+    assert!(e.contains("missing field `metrics`"), "{e}");
+    let e = err("[[rule]]\ntable = \"t\"\nbucket = \"1m\"\nmetrics = {}\n");
+    assert_eq!(
+        e,
+        "logtally.toml: rule[0].metrics: at least one metric is required"
+    );
+    let e = err(&format!("max_pending_keys = \"many\"\n{RULE}"));
+    assert!(e.contains("max_pending_keys"), "{e}");
+    let e = err(&format!("listen = \"localhost\"\n{RULE}"));
+    assert!(
+        e.starts_with("logtally.toml: listen: bad address \"localhost\""),
+        "{e}"
+    );
+    let e = err(&format!("node = \"\"\n{RULE}"));
+    assert_eq!(e, "logtally.toml: node: must not be empty");
+    let e = err(&format!("database_url = \"\"\n{RULE}"));
+    assert_eq!(e, "logtally.toml: database_url: must not be empty");
+    let e = err("flush_interval = [\n");
+    assert!(
+        e.starts_with("logtally.toml: ") && e.contains("line 1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn no_hostname() {
+    let e = parse_with_hostname(Path::new("l.toml"), RULE, || None).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "l.toml: node: cannot determine the hostname; set node explicitly"
+    );
+    assert!(hostname().is_some());
+}
+
+#[test]
+fn load_missing_file() {
+    let e = load(Path::new("/nonexistent/logtally.toml")).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/logtally.toml: cannot read:"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fields_checked_against_the_spool() {
+    let c = p(&RULE.replace("max(rt)", "max(rtt)")).unwrap();
+    let declared: Vec<String> = ["ad", "ev", "bytes", "rt"].map(String::from).into();
+    let errors: Vec<String> = fields_not_in_spool(&c, &declared)
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "logtally.toml: rule[0].group_by[2]: field \"cmp\" is not in the spool \
+             (segments in /var/spool/logtally declare: ad, ev, bytes, rt)",
+            "logtally.toml: rule[0].metrics.rt_max: field \"rtt\" is not in the spool \
+             (segments in /var/spool/logtally declare: ad, ev, bytes, rt)",
+        ]
+    );
+    let e = &fields_not_in_spool(&c, &declared)[1];
+    assert_eq!(e.key(), Some("rule[0].metrics.rt_max"));
+
+    // All declared (in any order, with extras): nothing to report. `count` reads no field.
+    let c = p(RULE).unwrap();
+    let declared: Vec<String> = ["ua", "rt", "cmp", "bytes", "ev", "ad"]
+        .map(String::from)
+        .into();
+    assert!(fields_not_in_spool(&c, &declared).is_empty());
+    // Names are compared exactly: spool field names are case-sensitive.
+    let declared: Vec<String> = ["AD", "ev", "cmp", "bytes", "rt"].map(String::from).into();
+    let errors = fields_not_in_spool(&c, &declared);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].key(), Some("rule[0].group_by[0]"));
+}
+
+#[test]
+fn redaction() {
+    assert_eq!(redact_url("postgres://a:b@h/d"), "postgres://a:***@h/d");
+    assert_eq!(redact_url("postgres://a@h/d"), "postgres://a@h/d");
+    assert_eq!(
+        redact_url("host=x password=y user=u"),
+        "host=x password=*** user=u"
+    );
+}

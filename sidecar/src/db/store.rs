@@ -1,0 +1,365 @@
+//! The connection: [`Store`] runs the SQL of `sql.rs` with the rows of `rows.rs` against
+//! PostgreSQL, and [`check`] inspects a database for `logtally check`.
+//!
+//! A flush is ONE transaction: it locks the node's checkpoint (an advisory lock), checks the
+//! checkpoint rows still hold the positions this process committed last
+//! (`checkpoint.rs`'s compare-and-swap), upserts every rule's rows additively in chunks of
+//! 20,000 and moves the checkpoint, then commits.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use crate::config::{Config, Rule};
+
+use super::checkpoint::{compare_checkpoint, CheckpointEntry, CheckpointState, FlushOutcome};
+use super::rows::{rule_params, UpsertRows, UPSERT_CHUNK};
+use super::schema::{
+    all_tables, shape_differences, ActualColumn, ActualTable, TableMismatch, TableSpec,
+};
+use super::sql::{
+    checkpoint_delete_finished_sql, checkpoint_load_sql, checkpoint_lock_sql, checkpoint_read_sql,
+    checkpoint_upsert_sql, create_sql, quote, upsert_sql,
+};
+use super::StoreError;
+
+/// How long a connection attempt may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `host:port/dbname` of a URL, for messages (never the password).
+pub fn describe_target(url: &str) -> String {
+    let Ok(cfg) = url.parse::<tokio_postgres::Config>() else {
+        return "<unparsable database_url>".into();
+    };
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{host}:{port}/{}",
+        cfg.get_dbname().unwrap_or("(default db)")
+    )
+}
+
+async fn connect_client(url: &str) -> Result<(Client, JoinHandle<()>), StoreError> {
+    let target = describe_target(url);
+    let mut cfg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|source| StoreError::BadUrl { source })?;
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(CONNECT_TIMEOUT);
+    }
+    cfg.application_name("logtally");
+    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, cfg.connect(NoTls))
+        .await
+        .map_err(|_| StoreError::ConnectTimeout {
+            target: target.clone(),
+            after: CONNECT_TIMEOUT,
+        })?
+        .map_err(|source| StoreError::Connect { target, source })?;
+    let task = tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "PostgreSQL connection ended");
+        }
+    });
+    Ok((client, task))
+}
+
+/// Reads a table's shape, `None` if there is no relation of that name.
+async fn read_table(client: &Client, name: &str) -> Result<Option<ActualTable>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT c.oid, c.relkind FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&quote(name)],
+        )
+        .await
+        .map_err(StoreError::db("look up table"))?;
+    let Some(row) = row else { return Ok(None) };
+    let oid: u32 = row.get(0);
+    let kind: i8 = row.get(1);
+    let columns = client
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod), attnotnull \
+             FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped \
+             ORDER BY attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(StoreError::db("read table columns"))?
+        .into_iter()
+        .map(|r| ActualColumn {
+            name: r.get(0),
+            sql_type: r.get(1),
+            not_null: r.get(2),
+        })
+        .collect();
+    let primary_key = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
+            &[&oid],
+        )
+        .await
+        .map_err(StoreError::db("read primary key"))?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Some(ActualTable {
+        kind: kind as u8 as char,
+        columns,
+        primary_key,
+    }))
+}
+
+/// How `logtally check` found a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableState {
+    /// Present with the right shape.
+    Ok,
+    /// Absent: `run` will create it.
+    Missing,
+}
+
+/// `logtally check`'s database part: reachable, and every existing table has the right
+/// shape. Creates nothing.
+pub async fn check(config: &Config) -> Result<Vec<(String, TableState)>, StoreError> {
+    let (client, task) = connect_client(&config.database_url).await?;
+    let states = inspect(&client, config).await;
+    drop(client);
+    let _ = task.await;
+    Ok(states?
+        .into_iter()
+        .map(|(spec, state)| (spec.name, state))
+        .collect())
+}
+
+/// Every table's state; an error naming every difference if any existing table has the
+/// wrong shape.
+async fn inspect(
+    client: &Client,
+    config: &Config,
+) -> Result<Vec<(TableSpec, TableState)>, StoreError> {
+    let mut states = Vec::new();
+    let mut mismatches = Vec::new();
+    for spec in all_tables(config) {
+        match read_table(client, &spec.name).await? {
+            None => states.push((spec, TableState::Missing)),
+            Some(actual) => {
+                let differences = shape_differences(&spec, &actual);
+                if differences.is_empty() {
+                    states.push((spec, TableState::Ok));
+                } else {
+                    mismatches.push(TableMismatch {
+                        table: spec.name.clone(),
+                        differences,
+                    });
+                }
+            }
+        }
+    }
+    if mismatches.is_empty() {
+        Ok(states)
+    } else {
+        Err(StoreError::Shape(mismatches))
+    }
+}
+
+/// A connection with the tables in place and the statements prepared.
+#[derive(Debug)]
+pub struct Store {
+    client: Client,
+    task: JoinHandle<()>,
+    node: String,
+    rules: Vec<Rule>,
+    upserts: Vec<Statement>,
+    checkpoint_upsert: Statement,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Store {
+    /// Connects, creates missing tables, refuses tables of the wrong shape, prepares the
+    /// statements.
+    pub async fn connect(config: &Config) -> Result<Store, StoreError> {
+        let (client, task) = connect_client(&config.database_url).await?;
+        // Check every table before creating any, so a refusal leaves the database untouched.
+        let missing: Vec<TableSpec> = inspect(&client, config)
+            .await?
+            .into_iter()
+            .filter(|(_, state)| *state == TableState::Missing)
+            .map(|(spec, _)| spec)
+            .collect();
+        for spec in &missing {
+            match client.batch_execute(&create_sql(spec)).await {
+                Ok(()) => tracing::info!(table = %spec.name, "created table"),
+                // Another sidecar created it at the same moment: fine, it is checked below.
+                // PostgreSQL reports that race as any of these, depending on which catalog
+                // row (the table's, its row type's, its index's) collided first.
+                Err(e)
+                    if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+                        || e.code() == Some(&SqlState::DUPLICATE_TABLE)
+                        || e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+                Err(source) => {
+                    return Err(StoreError::Db {
+                        context: "create table",
+                        source,
+                    })
+                }
+            }
+        }
+        if !missing.is_empty() {
+            inspect(&client, config).await?;
+        }
+        let mut upserts = Vec::with_capacity(config.rules.len());
+        for rule in &config.rules {
+            upserts.push(
+                client
+                    .prepare(&upsert_sql(rule))
+                    .await
+                    .map_err(StoreError::db("prepare upsert"))?,
+            );
+        }
+        let checkpoint_upsert = client
+            .prepare(&checkpoint_upsert_sql())
+            .await
+            .map_err(StoreError::db("prepare checkpoint upsert"))?;
+        Ok(Store {
+            client,
+            task,
+            node: config.node.clone(),
+            rules: config.rules.clone(),
+            upserts,
+            checkpoint_upsert,
+        })
+    }
+
+    /// Whether the connection is gone (reconnect before the next flush).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// A round trip, proving the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(StoreError::db("ping"))?;
+        Ok(())
+    }
+
+    /// This node's checkpoint: the truth about what has been counted.
+    pub async fn load_checkpoint(&self) -> Result<Vec<CheckpointEntry>, StoreError> {
+        let rows = self
+            .client
+            .query(&checkpoint_load_sql(), &[&self.node])
+            .await
+            .map_err(StoreError::db("load checkpoint"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| CheckpointEntry {
+                segment: r.get(0),
+                offset: r.get::<_, i64>(1) as u64,
+                finished: r.get(2),
+            })
+            .collect())
+    }
+
+    /// Commits one flush: every rule's rows and the new `positions`, in one transaction.
+    ///
+    /// `previous` is what this process believes the checkpoint holds (the last commit, or the
+    /// checkpoint loaded at start). Inside the transaction the checkpoint rows of `positions`
+    /// must equal it; if they equal `positions` instead, an earlier attempt landed and
+    /// nothing is written ([`FlushOutcome::AlreadyCommitted`]); anything else is a
+    /// [`StoreError::CheckpointConflict`].
+    pub async fn flush(
+        &mut self,
+        rules: &[impl UpsertRows],
+        positions: &[CheckpointEntry],
+        previous: &HashMap<String, CheckpointEntry>,
+    ) -> Result<FlushOutcome, StoreError> {
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(StoreError::db("begin"))?;
+        if !positions.is_empty() {
+            tx.execute(&checkpoint_lock_sql(), &[&self.node])
+                .await
+                .map_err(StoreError::db("lock checkpoint"))?;
+            let names: Vec<&str> = positions.iter().map(|p| p.segment.as_str()).collect();
+            let found: HashMap<String, (u64, bool)> = tx
+                .query(&checkpoint_read_sql(), &[&self.node, &names])
+                .await
+                .map_err(StoreError::db("read checkpoint"))?
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.get::<_, String>(0),
+                        (r.get::<_, i64>(1) as u64, r.get::<_, bool>(2)),
+                    )
+                })
+                .collect();
+            match compare_checkpoint(&self.node, positions, previous, &found)? {
+                CheckpointState::AsExpected => {}
+                CheckpointState::AlreadyThere => {
+                    tx.rollback().await.map_err(StoreError::db("rollback"))?;
+                    return Ok(FlushOutcome::AlreadyCommitted);
+                }
+            }
+        }
+        for rule_rows in rules {
+            if rule_rows.row_count() == 0 {
+                continue;
+            }
+            let Some(rule) = self.rules.get(rule_rows.rule()) else {
+                continue;
+            };
+            for chunk in rule_rows.sorted_chunks(rule, UPSERT_CHUNK) {
+                let params = rule_params(rule, &chunk);
+                tx.execute_raw(
+                    &self.upserts[rule_rows.rule()],
+                    params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)),
+                )
+                .await
+                .map_err(StoreError::db("upsert aggregates"))?;
+            }
+        }
+        if !positions.is_empty() {
+            let names: Vec<&str> = positions.iter().map(|p| p.segment.as_str()).collect();
+            let offsets: Vec<i64> = positions.iter().map(|p| p.offset as i64).collect();
+            let finished: Vec<bool> = positions.iter().map(|p| p.finished).collect();
+            tx.execute(
+                &self.checkpoint_upsert,
+                &[&self.node, &names, &offsets, &finished],
+            )
+            .await
+            .map_err(StoreError::db("upsert checkpoint"))?;
+        }
+        tx.commit().await.map_err(StoreError::db("commit"))?;
+        Ok(FlushOutcome::Committed)
+    }
+
+    /// Deletes checkpoint rows of finished segments whose files are gone (a gone file can
+    /// never be read again, so its position no longer matters). Returns rows deleted.
+    pub async fn delete_finished(&self, segments: &[String]) -> Result<u64, StoreError> {
+        if segments.is_empty() {
+            return Ok(0);
+        }
+        self.client
+            .execute(&checkpoint_delete_finished_sql(), &[&self.node, &segments])
+            .await
+            .map_err(StoreError::db("delete finished checkpoints"))
+    }
+}

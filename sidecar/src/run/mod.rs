@@ -1,0 +1,281 @@
+//! The daemon: tail → aggregate → flush exactly once → binlog → delete finished segments.
+//!
+//! Three parts:
+//! - `reader.rs`: the **reader thread**, which owns the tailer and the aggregator and hands
+//!   over drained aggregates together with the positions right after them;
+//! - `engine.rs`: the **commit engine**, the exactly-once decisions (what moves in a flush,
+//!   what a retry after a lost COMMIT reply does, when checkpoint rows are forgotten, where
+//!   a restart resumes), over a small `Database` trait;
+//! - this file: [`run`] (admin server + loop), the **async loop** that asks for a drain every
+//!   `flush_interval` (or sooner when the reader is full), commits it, retries failures with
+//!   capped exponential backoff while new records keep aggregating into the next batch, and
+//!   on shutdown makes a final flush in bounded time; and `PgDatabase`, the engine's
+//!   database on PostgreSQL.
+
+mod engine;
+mod reader;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+use crate::aggregate::DrainedRows;
+use crate::config::Config;
+use crate::db::{CheckpointEntry, FlushOutcome, Store, StoreError};
+use crate::http::admin::{self, AdminState};
+use crate::http::metrics::Metrics;
+use crate::http::status::{SharedStatus, Status};
+use crate::now_ms;
+use engine::{Commit, Database, Engine};
+use reader::ReaderHandle;
+
+/// How long shutdown may spend on the final flush.
+const FINAL_FLUSH_BUDGET: Duration = Duration::from_secs(15);
+/// How often `/status` and the lag gauges are refreshed between flushes.
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("spool reader thread: {0}")]
+    Reader(String),
+}
+
+/// The engine's database: PostgreSQL through [`Store`], reconnecting when the connection
+/// is gone or was dropped after an error.
+struct PgDatabase {
+    config: Arc<Config>,
+    store: Option<Store>,
+}
+
+impl PgDatabase {
+    async fn store(&mut self) -> Result<&mut Store, StoreError> {
+        self.connect().await?;
+        Ok(self.store.as_mut().expect("connected above"))
+    }
+}
+
+impl Database for PgDatabase {
+    async fn connect(&mut self) -> Result<bool, StoreError> {
+        if self.store.as_ref().is_some_and(|s| !s.is_closed()) {
+            return Ok(false);
+        }
+        self.store = None;
+        self.store = Some(Store::connect(&self.config).await?);
+        Ok(true)
+    }
+
+    fn disconnect(&mut self) {
+        self.store = None;
+    }
+
+    async fn load_checkpoint(&mut self) -> Result<Vec<CheckpointEntry>, StoreError> {
+        self.store().await?.load_checkpoint().await
+    }
+
+    async fn ping(&mut self) -> Result<(), StoreError> {
+        self.store().await?.ping().await
+    }
+
+    async fn flush(
+        &mut self,
+        rules: &[DrainedRows],
+        positions: &[CheckpointEntry],
+        previous: &HashMap<String, CheckpointEntry>,
+    ) -> Result<FlushOutcome, StoreError> {
+        self.store().await?.flush(rules, positions, previous).await
+    }
+
+    async fn delete_finished(&mut self, segments: &[String]) -> Result<u64, StoreError> {
+        self.store().await?.delete_finished(segments).await
+    }
+}
+
+/// Runs the sidecar until `shutdown` completes: admin server on `listener` (or the
+/// configured `listen` address), tail, aggregate, flush. On shutdown it stops reading,
+/// makes a final flush (bounded in time) and returns `Ok`.
+pub async fn run(
+    config: Config,
+    listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new()?);
+    metrics.init_rules(&config.rules);
+    let status = SharedStatus::new(Status::from_config(&config, now_ms()));
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                addr: config.listen,
+                source,
+            })?,
+    };
+    let (admin_stop_tx, admin_stop_rx) = oneshot::channel::<()>();
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        AdminState {
+            metrics: metrics.clone(),
+            status: status.clone(),
+        },
+        async move {
+            let _ = admin_stop_rx.await;
+        },
+    ));
+
+    let result = run_loop(config, metrics, status, shutdown).await;
+
+    let _ = admin_stop_tx.send(());
+    let _ = admin_task.await;
+    result
+}
+
+/// One commit attempt and, when it committed, what follows: the reader deletes finished
+/// segments, the engine forgets their checkpoint rows. `Ok(false)`: retry later.
+async fn commit_once<D: Database>(
+    engine: &mut Engine<D>,
+    reader: &ReaderHandle,
+) -> Result<bool, DaemonError> {
+    match engine.commit().await? {
+        Commit::Done(positions) => {
+            let removed = reader.committed(positions).await?;
+            engine.forget(removed).await;
+            Ok(true)
+        }
+        Commit::Idle => Ok(true),
+        Commit::Retry => Ok(false),
+    }
+}
+
+async fn run_loop(
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    status: SharedStatus,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let db = PgDatabase {
+        config: config.clone(),
+        store: None,
+    };
+    let mut engine = Engine::new(config.clone(), metrics.clone(), status, db);
+    info!(node = %config.node, spool = %config.spool_dir.display(), "starting");
+    if !engine.start(&mut shutdown).await? {
+        info!("stopped before the database was reachable");
+        return Ok(());
+    }
+    let start = engine.resume(|segment| config.spool_dir.join(segment).exists());
+    info!(segments = start.len(), "checkpoint loaded");
+    let reader = ReaderHandle::start(config.clone(), metrics.clone(), start)
+        .map_err(|e| DaemonError::Reader(e.to_string()))?;
+
+    let mut tick = tokio::time::interval(config.flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset(); // the first flush after one interval, not at once
+    let mut refresh = tokio::time::interval(STATUS_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When set, a failed batch waits until then before its retry.
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut flush_now = false;
+
+    let result = loop {
+        if flush_now {
+            flush_now = false;
+        } else {
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => break Ok(()),
+                _ = tick.tick(), if retry_at.is_none() => {}
+                () = reader.full.notified(), if retry_at.is_none() => {}
+                () = retry => {}
+                _ = refresh.tick() => {
+                    engine.refresh_status(&reader.view());
+                    continue;
+                }
+            }
+        }
+        let retried = retry_at.take().is_some();
+        if !engine.has_pending() {
+            match reader.drain(false).await {
+                Ok(d) => engine.set_pending(d),
+                Err(e) => break Err(e),
+            }
+        }
+        match commit_once(&mut engine, &reader).await {
+            Ok(true) => {
+                // After an outage the reader may have filled up meanwhile: go again at once.
+                flush_now = retried || reader.view().pending_keys >= config.max_pending_keys;
+                tick.reset();
+            }
+            Ok(false) => {
+                retry_at = Some(tokio::time::Instant::now() + engine.retry_delay());
+            }
+            Err(e) => break Err(e),
+        }
+        engine.refresh_status(&reader.view());
+    };
+
+    let mut reader = reader;
+    if result.is_ok() {
+        final_flush(&mut engine, &reader).await;
+    }
+    reader.stop();
+    engine.refresh_status(&reader.view());
+    if let Err(e) = &result {
+        error!(error = %e, "stopping");
+    }
+    result
+}
+
+/// Shutdown: stop reading, commit what is pending and what was read, within a time bound.
+/// What does not commit stays in the spool, uncounted, for the next start.
+async fn final_flush<D: Database>(engine: &mut Engine<D>, reader: &ReaderHandle) {
+    info!("shutting down: final flush");
+    let deadline = tokio::time::Instant::now() + FINAL_FLUSH_BUDGET;
+    let work = async {
+        let mut last_drained = false;
+        loop {
+            if !engine.has_pending() {
+                if last_drained {
+                    return Ok::<bool, DaemonError>(true);
+                }
+                engine.set_pending(reader.drain(true).await?);
+                last_drained = true;
+            }
+            if !commit_once(engine, reader).await? {
+                tokio::time::sleep(engine.retry_delay()).await;
+            }
+        }
+    };
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(Ok(_)) => info!("final flush committed"),
+        Ok(Err(error)) => {
+            error!(%error, "final flush failed; the spool keeps the uncommitted events")
+        }
+        Err(_) => warn!(
+            budget_s = FINAL_FLUSH_BUDGET.as_secs(),
+            "final flush did not commit in time; the spool keeps the uncommitted events"
+        ),
+    }
+}

@@ -1,0 +1,306 @@
+//! The reader thread: owns the [`Tailer`] and the [`Aggregator`], polls the spool, feeds
+//! every record to the aggregator, and on request hands over the drained aggregates
+//! *together with* the tailer positions at that instant ([`Drained`]), so the positions are
+//! exactly "after the records whose aggregates these are". It stops reading while the
+//! aggregator holds `max_pending_keys` keys (the spool on disk is the buffer), and deletes
+//! finished segments once told their positions are committed.
+//!
+//! Blocking I/O on a thread of its own; the async side talks to it through
+//! [`ReaderHandle`].
+
+use std::collections::HashMap;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{oneshot, Notify};
+use tracing::{error, warn};
+
+use super::DaemonError;
+use crate::aggregate::{Aggregator, DrainedRows};
+use crate::config::Config;
+use crate::http::metrics::Metrics;
+use crate::spool::tail::{Position, SegmentEvent, SegmentStatus, TailStats, Tailer, TailerOptions};
+
+/// Bytes of spool one reader poll may consume before it looks at its commands again.
+const POLL_BUDGET: u64 = 4 << 20;
+/// The poll budget once the aggregator is half way to `max_pending_keys`.
+const SMALL_POLL_BUDGET: u64 = 64 << 10;
+/// How long the reader sleeps when the spool has nothing new.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// Aggregates and the positions right after the records they hold.
+#[derive(Debug)]
+pub(crate) struct Drained {
+    /// Compact until the store binds them: a batch is kept until it commits.
+    pub rules: Vec<DrainedRows>,
+    pub positions: Vec<(String, Position)>,
+    /// Oldest event time (ms) per segment among the drained records.
+    pub oldest_ms: HashMap<String, u64>,
+}
+
+impl Drained {
+    /// Rows the batch holds, all rules together.
+    pub fn rows(&self) -> u64 {
+        self.rules.iter().map(|r| r.len() as u64).sum()
+    }
+}
+
+enum Command {
+    /// Drain the aggregator; with `last`, read nothing more afterwards.
+    Drain {
+        last: bool,
+        reply: oneshot::Sender<Drained>,
+    },
+    /// These positions are committed: delete finished segments (after `retain`).
+    Committed {
+        positions: Vec<(String, Position)>,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+}
+
+/// What the reader shows the async side between drains (for `/status`).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ReaderView {
+    pub segments: Vec<SegmentStatus>,
+    /// Oldest event time per segment read since the last drain.
+    pub oldest_ms: HashMap<String, u64>,
+    pub pending_keys: usize,
+    pub dropped_events: u64,
+}
+
+/// The reader thread's state.
+struct Reader {
+    tailer: Tailer,
+    aggregator: Aggregator,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    view: Arc<Mutex<ReaderView>>,
+    full: Arc<Notify>,
+    oldest_ms: HashMap<String, u64>,
+    reported: TailStats,
+    reported_bad: Vec<Vec<u64>>,
+    torn_discarded: u64,
+    stopped: bool,
+}
+
+impl Reader {
+    fn run(mut self, commands: std_mpsc::Receiver<Command>) {
+        loop {
+            // Commands first: a drain must see a consistent aggregator/tailer pair, which it
+            // does because polls and drains never interleave on this thread.
+            loop {
+                match commands.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(std_mpsc::TryRecvError::Empty) => break,
+                    Err(std_mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+            let full = self.aggregator.pending_keys() >= self.config.max_pending_keys;
+            let more = if self.stopped || full {
+                if full {
+                    self.full.notify_one();
+                }
+                false
+            } else {
+                self.poll()
+            };
+            if !more {
+                match commands.recv_timeout(IDLE_POLL) {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        }
+    }
+
+    /// One tailer poll into the aggregator. Returns whether more is waiting.
+    fn poll(&mut self) -> bool {
+        let Reader {
+            tailer,
+            aggregator,
+            oldest_ms,
+            torn_discarded,
+            ..
+        } = self;
+        // Near the key bound, read in small steps so the bound is not overshot by much.
+        let budget = if aggregator.pending_keys() >= self.config.max_pending_keys / 2 {
+            SMALL_POLL_BUDGET
+        } else {
+            POLL_BUDGET
+        };
+        let result = tailer.poll(budget, &mut |event| match event {
+            SegmentEvent::Record {
+                segment, record, ..
+            } => {
+                aggregator.add_cached(segment.id, &segment.header.fields, &record);
+                let t = record.time_ms;
+                match oldest_ms.get_mut(segment.name) {
+                    Some(o) => *o = (*o).min(t),
+                    None => {
+                        oldest_ms.insert(segment.name.to_string(), t);
+                    }
+                }
+            }
+            SegmentEvent::Abandoned { torn_bytes, .. } if torn_bytes > 0 => *torn_discarded += 1,
+            _ => {}
+        });
+        let more = match result {
+            Ok(stats) => stats.more,
+            Err(error) => {
+                warn!(dir = %self.tailer.dir().display(), %error, "cannot read the spool folder");
+                false
+            }
+        };
+        self.publish();
+        more
+    }
+
+    /// Moves counters to the metrics and the view to the async side.
+    fn publish(&mut self) {
+        let s = self.tailer.stats();
+        let m = &self.metrics;
+        m.sync_tail(&s);
+        // A torn tail left behind by a dead writer is a lost partial record: a decode error.
+        m.decode_errors.inc_by(self.torn_discarded);
+        m.corrupt_bytes
+            .inc_by(s.abandoned_bytes - self.reported.abandoned_bytes);
+        m.segments_open.set(self.tailer.segments_open() as i64);
+        m.pending_keys.set(self.aggregator.pending_keys() as i64);
+        self.reported = s;
+        self.torn_discarded = 0;
+        let bad = self.aggregator.bad_values();
+        for (rule, (now, before)) in self
+            .config
+            .rules
+            .iter()
+            .zip(bad.iter().zip(&self.reported_bad))
+        {
+            for (metric, (n, b)) in rule.metrics.iter().zip(now.iter().zip(before)) {
+                if n > b {
+                    m.add_bad_values(&rule.table, &metric.column, n - b);
+                }
+            }
+        }
+        self.reported_bad = bad;
+        let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        view.segments = self.tailer.segments();
+        view.oldest_ms.clone_from(&self.oldest_ms);
+        view.pending_keys = self.aggregator.pending_keys();
+        view.dropped_events = s.dropped_events;
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Drain { last, reply } => {
+                let drained = Drained {
+                    rules: self.aggregator.drain_compact(),
+                    positions: self.tailer.positions(),
+                    oldest_ms: std::mem::take(&mut self.oldest_ms),
+                };
+                self.stopped |= last;
+                self.publish();
+                let _ = reply.send(drained);
+            }
+            Command::Committed { positions, reply } => {
+                let removed =
+                    self.tailer
+                        .remove_finished(&positions, SystemTime::now(), self.config.retain);
+                self.publish();
+                let _ = reply.send(removed);
+            }
+        }
+    }
+}
+
+/// The async side's handle on the reader thread.
+pub(crate) struct ReaderHandle {
+    commands: Option<std_mpsc::Sender<Command>>,
+    thread: Option<JoinHandle<()>>,
+    view: Arc<Mutex<ReaderView>>,
+    /// Notified when the aggregator holds `max_pending_keys` keys: flush now.
+    pub full: Arc<Notify>,
+}
+
+impl ReaderHandle {
+    pub fn start(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        start: HashMap<String, Position>,
+    ) -> std::io::Result<ReaderHandle> {
+        let (tx, rx) = std_mpsc::channel();
+        let view = Arc::new(Mutex::new(ReaderView::default()));
+        let full = Arc::new(Notify::new());
+        let aggregator = Aggregator::new(&config.rules);
+        let reader = Reader {
+            tailer: Tailer::new(config.spool_dir.clone(), start, TailerOptions::default()),
+            reported_bad: aggregator.bad_values(),
+            aggregator,
+            config,
+            metrics,
+            view: view.clone(),
+            full: full.clone(),
+            oldest_ms: HashMap::new(),
+            reported: Default::default(),
+            torn_discarded: 0,
+            stopped: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("logtally-reader".into())
+            .spawn(move || reader.run(rx))?;
+        Ok(ReaderHandle {
+            commands: Some(tx),
+            thread: Some(thread),
+            view,
+            full,
+        })
+    }
+
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, DaemonError> {
+        let (tx, rx) = oneshot::channel();
+        let dead = || DaemonError::Reader("the reader thread stopped".into());
+        self.commands
+            .as_ref()
+            .ok_or_else(dead)?
+            .send(make(tx))
+            .map_err(|_| dead())?;
+        rx.await.map_err(|_| dead())
+    }
+
+    pub async fn drain(&self, last: bool) -> Result<Drained, DaemonError> {
+        self.request(|reply| Command::Drain { last, reply }).await
+    }
+
+    pub async fn committed(
+        &self,
+        positions: Vec<(String, Position)>,
+    ) -> Result<Vec<String>, DaemonError> {
+        self.request(|reply| Command::Committed { positions, reply })
+            .await
+    }
+
+    pub fn view(&self) -> ReaderView {
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops the thread (it exits when its command channel closes) and waits for it.
+    pub fn stop(&mut self) {
+        self.commands = None;
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                error!("the reader thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ReaderHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

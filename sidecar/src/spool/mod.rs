@@ -1,0 +1,16 @@
+//! Reading the spool folder: the I/O shell around the spool crate's pure decoder.
+//!
+//! - `tail.rs`: the [`Tailer`](tail::Tailer), which follows every segment of the folder and
+//!   delivers their frames with the positions the daemon checkpoints;
+//! - `segment.rs`: one followed segment and the read of its new bytes;
+//! - `liveness.rs`: whether an unsealed segment's writer is gone;
+//! - `dump.rs`: `logtally dump`, segments as JSON lines.
+//!
+//! Frames are walked by `logtally_spool::SegmentReader` in both the tailer and the dump.
+//! What else the sidecar keeps in or learns from the spool folder (a node id stored there,
+//! the folder's file system and free space) belongs here too.
+
+pub mod dump;
+pub mod liveness;
+mod segment;
+pub mod tail;
