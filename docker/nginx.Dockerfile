@@ -28,7 +28,7 @@ WORKDIR /src
 COPY . .
 RUN scripts/package.sh libnginx-mod-http-logtally
 
-FROM ${DEBIAN_IMAGE}
+FROM ${DEBIAN_IMAGE} AS runtime
 COPY --from=build /src/target/debian/libnginx-mod-http-logtally_*.deb /tmp/image/
 COPY docker/nginx-image.sh docker/nginx-site.conf /tmp/image/
 RUN sh /tmp/image/nginx-image.sh

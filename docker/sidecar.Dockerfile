@@ -29,7 +29,7 @@ WORKDIR /src
 COPY . .
 RUN scripts/package.sh logtally
 
-FROM ${DEBIAN_IMAGE}
+FROM ${DEBIAN_IMAGE} AS runtime
 COPY --from=build /src/target/debian/logtally_*.deb /tmp/image/
 COPY docker/sidecar-image.sh docker/logtally.toml /tmp/image/
 RUN sh /tmp/image/sidecar-image.sh
