@@ -73,7 +73,7 @@ fi
 cargo_version="$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n1)"
 version="${LOGTALLY_DEB_VERSION:-${cargo_version}-1}"
 arch="$(dpkg --print-architecture)"
-maintainer="${DEBFULLNAME:-logtally maintainers} <${DEBEMAIL:-logtally@localhost}>"
+maintainer="${DEBFULLNAME:-logtally maintainers} <${DEBEMAIL:-logtally@example.org}>"
 # Reproducible file times: the last commit's.
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}"
 
@@ -90,7 +90,7 @@ Upstream-Name: logtally
 Source: the logtally source tree (scripts/package.sh)
 
 Files: *
-Copyright: the logtally authors
+Copyright: $(date -u -d "@$SOURCE_DATE_EPOCH" +%Y) the logtally authors
 License: Apache-2.0
  On Debian systems, the full text of the Apache License 2.0 is in
  /usr/share/common-licenses/Apache-2.0.
