@@ -421,11 +421,16 @@ pod_sum() { db_sum pod ad_events_1m events; }
 
 test_pod() {
   step "pod: images from the packages (docker/*.Dockerfile --target host)"
-  local t0=$SECONDS
-  podman build -q -f docker/nginx.Dockerfile --target host -t localhost/logtally-nginx:ct . >"$work/build-nginx.log" 2>&1 \
-    || { tail -n 20 "$work/build-nginx.log"; bad "pod: nginx image build"; return 1; }
-  podman build -q -f docker/sidecar.Dockerfile --target host -t localhost/logtally-sidecar:ct . >"$work/build-sidecar.log" 2>&1 \
-    || { tail -n 20 "$work/build-sidecar.log"; bad "pod: sidecar image build"; return 1; }
+  local t0=$SECONDS name old
+  for name in nginx sidecar; do
+    old="$(podman image inspect -f '{{.Id}}' "localhost/logtally-$name:ct" 2>/dev/null || true)"
+    podman build -q -f "docker/$name.Dockerfile" --target host -t "localhost/logtally-$name:ct" . >"$work/build-$name.log" 2>&1 \
+      || { tail -n 20 "$work/build-$name.log"; bad "pod: $name image build"; return 1; }
+    # The previous run's image, if this build replaced it (not other images).
+    if [[ -n $old && $old != "$(podman image inspect -f '{{.Id}}' "localhost/logtally-$name:ct")" ]]; then
+      podman rmi "$old" >/dev/null 2>&1 || true
+    fi
+  done
   ok "pod: images built ($((SECONDS - t0)) s)"
 
   step "pod: podman kube play deploy/kubernetes/logtally.yaml (host network)"
