@@ -1,4 +1,4 @@
-//! The directives (`logtally_spool`, `logtally`, `logtally_field`, `logtally_status`), the
+//! The configuration directives (`logtally_spool`, `logtally`, `logtally_field`), the
 //! configuration they build, merging down the levels, and the whole-configuration checks
 //! that run in `postconfiguration`. Errors are typed; they become nginx messages (naming the
 //! directive, file and line) only at the FFI edge, in [`conf_error`].
@@ -16,9 +16,12 @@ use ngx::ffi::{
     ngx_path_t, ngx_pcalloc, ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_UNSET, NGX_ERROR,
     NGX_OK,
 };
-use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, Merge, MergeConfigError};
+use ngx::http::{HttpModuleMainConf, Merge, MergeConfigError};
+
+use logtally_spool::SegmentWriterConfig;
 
 use crate::options::{self, OptionError, SpoolOptions, ValueSpec};
+use crate::writer::WriterConfig;
 use crate::Module;
 
 /// `http`-level configuration: the spool and everything the whole configuration declares.
@@ -48,6 +51,25 @@ impl Default for MainConf {
             status: false,
             zone: ptr::null_mut(),
         }
+    }
+}
+
+impl MainConf {
+    /// How this configuration's writer threads write; `None` without `logtally_spool`.
+    pub fn writer_config(&self) -> Option<WriterConfig> {
+        let spool = self.spool.as_ref()?;
+        Some(WriterConfig {
+            segments: SegmentWriterConfig {
+                dir: spool.dir.clone(),
+                fields: self.fields.clone(),
+                segment_size: spool.options.segment_size,
+                pid: std::process::id(),
+                fsync: spool.options.fsync.is_some(),
+            },
+            flush: spool.options.flush,
+            fsync_every: spool.options.fsync,
+            queue: spool.options.queue,
+        })
     }
 }
 
@@ -199,9 +221,11 @@ pub unsafe extern "C" fn cmd_spool(
 ) -> *mut c_char {
     // SAFETY: nginx passes the http main conf of this module (NGX_HTTP_MAIN_CONF_OFFSET).
     let main = unsafe { &mut *conf.cast::<MainConf>() };
-    // SAFETY: cf/cmd are the handler's arguments.
-    match unsafe { spool(cf, main) } {
+    // SAFETY: cf is the handler's argument.
+    let result = unsafe { spool(cf, main) };
+    match result {
         Ok(()) => NGX_CONF_OK,
+        // SAFETY: cf/cmd are the handler's arguments.
         Err(e) => unsafe { conf_error(cf, cmd, &e) },
     }
 }
@@ -261,9 +285,11 @@ pub unsafe extern "C" fn cmd_field(
 ) -> *mut c_char {
     // SAFETY: nginx passes this module's location conf (NGX_HTTP_LOC_CONF_OFFSET).
     let loc = unsafe { &mut *conf.cast::<LocConf>() };
-    // SAFETY: cf/cmd are the handler's arguments.
-    match unsafe { field(cf, loc) } {
+    // SAFETY: cf is the handler's argument.
+    let result = unsafe { field(cf, loc) };
+    match result {
         Ok(()) => NGX_CONF_OK,
+        // SAFETY: cf/cmd are the handler's arguments.
         Err(e) => unsafe { conf_error(cf, cmd, &e) },
     }
 }
@@ -341,28 +367,6 @@ unsafe fn field(cf: *mut ngx_conf_t, loc: &mut LocConf) -> Result<(), ConfError>
     let at_slot = fields.partition_point(|f| f.slot < slot);
     fields.insert(at_slot, Field { slot, source });
     Ok(())
-}
-
-/// `logtally_status;`
-///
-/// # Safety
-/// Only nginx calls this, as a directive handler, with its live configuration context.
-pub unsafe extern "C" fn cmd_status(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    _conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: cf is an http location context; the core location conf exists there.
-    unsafe {
-        let Some(clcf) = ngx::http::NgxHttpCoreModule::location_conf_mut(&*cf) else {
-            return NGX_CONF_ERROR;
-        };
-        clcf.handler = Some(crate::handler::status_handler);
-        if let Some(main) = Module::main_conf_mut(&*cf) {
-            main.status = true;
-        }
-    }
-    NGX_CONF_OK
 }
 
 /// Runs after `ngx_conf_set_flag_slot` stored `logtally on|off`: remembers where logging

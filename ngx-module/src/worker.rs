@@ -6,10 +6,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crossbeam_channel::{Sender, TrySendError};
-use logtally_spool::{encode_event, SegmentWriterConfig};
-use ngx::ffi::{ngx_cycle_t, ngx_log_t, NGX_LOG_ALERT, NGX_LOG_ERR, NGX_LOG_NOTICE};
+use logtally_spool::encode_event;
+use ngx::ffi::{ngx_log_t, NGX_LOG_ALERT, NGX_LOG_ERR, NGX_LOG_NOTICE};
 
-use crate::conf::MainConf;
 use crate::counters::SharedCounters;
 use crate::writer::{self, Level, PendingDrops, WriterConfig, WriterHandle};
 
@@ -76,39 +75,15 @@ pub fn submit<'v>(time_ms: u64, values: impl IntoIterator<Item = Option<&'v [u8]
     }
 }
 
-/// Starts this worker's writer thread.
+/// Starts this worker's writer thread, writing as `config` says and counting into
+/// `counters` (the shared zone).
 ///
 /// # Safety
-/// `cycle` must be the worker's cycle; call from `init_process` on the main thread.
-pub unsafe fn start(cycle: *mut ngx_cycle_t, main: &MainConf) {
-    let Some(spool) = &main.spool else { return };
-    // SAFETY: the zone was initialised by the master before fork; its data points at the
-    // SharedCounters in shared memory, mapped for the worker's whole life.
-    let counters: &'static SharedCounters = unsafe {
-        match main
-            .zone
-            .as_ref()
-            .and_then(|z| z.data.cast::<SharedCounters>().as_ref())
-        {
-            Some(c) => c,
-            None => return,
-        }
-    };
-    // SAFETY: cycle is the live worker cycle.
-    let log = unsafe { (*cycle).log };
-    let (tx, rx) = crossbeam_channel::bounded(spool.options.queue);
+/// Call from `init_process` on the worker's main thread; `log` must be the cycle's log,
+/// alive as long as the worker.
+pub unsafe fn start(log: *mut ngx_log_t, counters: &'static SharedCounters, config: WriterConfig) {
+    let (tx, rx) = crossbeam_channel::bounded(config.queue);
     let pending_drops = PendingDrops::default();
-    let config = WriterConfig {
-        segments: SegmentWriterConfig {
-            dir: spool.dir.clone(),
-            fields: main.fields.clone(),
-            segment_size: spool.options.segment_size,
-            pid: std::process::id(),
-            fsync: spool.options.fsync.is_some(),
-        },
-        flush: spool.options.flush,
-        fsync_every: spool.options.fsync,
-    };
     let cycle_log = CycleLog(log);
     let handle = with_signals_blocked(|| {
         writer::spawn(
@@ -148,8 +123,8 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t, main: &MainConf) {
 /// for it up to [`STOP_LIMIT`].
 ///
 /// # Safety
-/// `cycle` must be the worker's cycle; call from `exit_process`.
-pub unsafe fn stop(cycle: *mut ngx_cycle_t) {
+/// Call from `exit_process`; `log` must be the cycle's log.
+pub unsafe fn stop(log: *mut ngx_log_t) {
     if let Ok(mut f) = FEEDER.lock() {
         f.take();
     }
@@ -157,8 +132,6 @@ pub unsafe fn stop(cycle: *mut ngx_cycle_t) {
     if let Some(h) = handle {
         if !h.stop(STOP_LIMIT) {
             LOG_CLOSED.store(true, Ordering::Release);
-            // SAFETY: cycle is live during exit_process.
-            let log = unsafe { (*cycle).log };
             ngx::ngx_log_error!(
                 NGX_LOG_ALERT,
                 log,

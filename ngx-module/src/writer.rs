@@ -27,6 +27,8 @@ pub struct WriterConfig {
     pub flush: Duration,
     /// fdatasync interval of the open segment; `None` never syncs on a timer.
     pub fsync_every: Option<Duration>,
+    /// Capacity of the channel from the request path, in records.
+    pub queue: usize,
 }
 
 /// Severity of a message the writer reports through its logging callback.
@@ -247,6 +249,7 @@ mod tests {
             },
             flush: Duration::from_millis(5),
             fsync_every: None,
+            queue: 1000,
         }
     }
 

@@ -1,0 +1,108 @@
+//! The log-phase handler: turns a request into one spool record (its field values, read the
+//! way access_log reads them) and hands it to the worker's writer. Nothing here may block,
+//! panic or fail a request.
+
+use std::slice;
+
+use ngx::ffi::{
+    ngx_array_push, ngx_conf_t, ngx_http_complex_value, ngx_http_get_indexed_variable,
+    ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_LOG_PHASE, ngx_http_request_t, ngx_int_t,
+    ngx_str_t, NGX_OK,
+};
+use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
+
+use crate::conf::{Field, Source};
+use crate::{worker, Module};
+
+/// Adds [`log_handler`] to nginx's log phase; false when nginx is out of memory.
+///
+/// # Safety
+/// `cf` must be nginx's postconfiguration context.
+pub unsafe fn register(cf: *mut ngx_conf_t) -> bool {
+    // SAFETY: the core main conf exists in an http context; pushing onto the log phase's
+    // handler array is how 0.5.x modules register phase handlers.
+    unsafe {
+        let Some(cmcf) = NgxHttpCoreModule::main_conf_mut(&*cf) else {
+            return false;
+        };
+        let h =
+            ngx_array_push(&mut cmcf.phases[ngx_http_phases_NGX_HTTP_LOG_PHASE as usize].handlers)
+                .cast::<ngx_http_handler_pt>();
+        let Some(h) = h.as_mut() else {
+            return false;
+        };
+        *h = Some(log_handler);
+    }
+    true
+}
+
+/// Reads one field's value. `None` is "absent": the variable was not found, or evaluation
+/// failed.
+///
+/// # Safety
+/// `r` must be a live request; the returned bytes live in its pool.
+unsafe fn value<'r>(r: *mut ngx_http_request_t, field: &Field) -> Option<&'r [u8]> {
+    // SAFETY: r is live; nginx returns values (or null) that stay valid while r lives.
+    unsafe {
+        match field.source {
+            Source::Variable(index) => {
+                let v = ngx_http_get_indexed_variable(r, index).as_ref()?;
+                if v.not_found() != 0 || v.valid() == 0 {
+                    return None;
+                }
+                Some(bytes(v.data, v.len() as usize))
+            }
+            Source::Complex(cv) => {
+                let mut s = ngx_str_t::default();
+                if ngx_http_complex_value(r, cv, &mut s) != NGX_OK as ngx_int_t {
+                    return None;
+                }
+                Some(bytes(s.data, s.len))
+            }
+        }
+    }
+}
+
+/// The bytes nginx points at.
+///
+/// # Safety
+/// `data` must point at `len` readable bytes (or be anything when `len` is 0).
+unsafe fn bytes<'a>(data: *const u8, len: usize) -> &'a [u8] {
+    if len == 0 || data.is_null() {
+        &[]
+    } else {
+        // SAFETY: per the function contract.
+        unsafe { slice::from_raw_parts(data, len) }
+    }
+}
+
+/// Log phase: one record per request where `logtally` is on.
+///
+/// # Safety
+/// Only nginx calls this, with a live request.
+unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    // SAFETY: nginx calls log handlers with a live main request.
+    let req = unsafe { &*r };
+    let Some(lc) = Module::location_conf(req) else {
+        return NGX_OK as ngx_int_t;
+    };
+    if lc.enable != 1 {
+        return NGX_OK as ngx_int_t;
+    }
+    let Some(main) = Module::main_conf(req) else {
+        return NGX_OK as ngx_int_t;
+    };
+    // The request's start time, as access_log's $msec sees it.
+    let time_ms = (req.start_sec.max(0) as u64) * 1000 + req.start_msec as u64;
+    let fields: &[Field] = lc.fields.as_deref().unwrap_or(&[]);
+    let mut next = fields.iter().peekable();
+    // One value per header field, in header order: this location's fields are sorted by
+    // slot; every other declared field is absent here.
+    let values = (0..main.fields.len()).map(|slot| {
+        let f = next.next_if(|f| f.slot == slot)?;
+        // SAFETY: r is live for the whole handler; values are encoded before it returns.
+        unsafe { value(r, f) }
+    });
+    worker::submit(time_ms, values);
+    NGX_OK as ngx_int_t
+}
