@@ -33,6 +33,10 @@ pub struct MainConf {
     pub fields: Vec<String>,
     /// Variables that `logtally_field` values use, checked once all are declared.
     pub variables: Vec<VariableUse>,
+    /// Indexes of the variables used that nginx's log module computes afresh when it writes
+    /// a line ([`options::computed_at_log_time`]): their cached values are dropped before
+    /// each record is read, so a value read earlier in the request cannot linger.
+    pub recomputed: Vec<ngx_uint_t>,
     /// Where the first `logtally on` is (`file:line`), if any level switches logging on.
     pub enabled_at: Option<String>,
     /// Whether some location serves `logtally_status`.
@@ -47,6 +51,7 @@ impl Default for MainConf {
             spool: None,
             fields: Vec::new(),
             variables: Vec::new(),
+            recomputed: Vec::new(),
             enabled_at: None,
             status: false,
             zone: ptr::null_mut(),
@@ -274,6 +279,23 @@ unsafe fn spool(cf: *mut ngx_conf_t, main: &mut MainConf) -> Result<(), ConfErro
     Ok(())
 }
 
+/// The index of variable `name` (nginx's, for `ngx_http_get_indexed_variable`).
+///
+/// # Safety
+/// `cf` must be the context nginx passed to a directive handler.
+unsafe fn variable_index(cf: *mut ngx_conf_t, name: &str) -> Result<ngx_uint_t, ConfError> {
+    let mut s = ngx_str_t {
+        len: name.len(),
+        data: name.as_ptr().cast_mut(),
+    };
+    // SAFETY: nginx copies the name into its pool; `s` only needs to live for the call.
+    let index = unsafe { ngx_http_get_variable_index(cf, &mut s) };
+    if index == NGX_ERROR as ngx_int_t {
+        return Err(ConfError::Variable(name.to_string()));
+    }
+    Ok(index as ngx_uint_t)
+}
+
 /// `logtally_field <name> <value>;`
 ///
 /// # Safety
@@ -320,18 +342,8 @@ unsafe fn field(cf: *mut ngx_conf_t, loc: &mut LocConf) -> Result<(), ConfError>
     // SAFETY: called from a directive handler.
     let at = unsafe { position(cf) };
     let source = match &spec {
-        ValueSpec::Variable(var) => {
-            let mut s = ngx_str_t {
-                len: var.len(),
-                data: var.as_ptr().cast_mut(),
-            };
-            // SAFETY: nginx copies the name into its pool; `s` only needs to live for the call.
-            let index = unsafe { ngx_http_get_variable_index(cf, &mut s) };
-            if index == NGX_ERROR as ngx_int_t {
-                return Err(ConfError::Variable(var.clone()));
-            }
-            Source::Variable(index as ngx_uint_t)
-        }
+        // SAFETY: called from a directive handler.
+        ValueSpec::Variable(var) => Source::Variable(unsafe { variable_index(cf, var) }?),
         ValueSpec::Complex(_) => {
             // SAFETY: the complex value is allocated in the configuration pool and filled
             // in by nginx's script compiler from the directive's own argument.
@@ -359,6 +371,13 @@ unsafe fn field(cf: *mut ngx_conf_t, loc: &mut LocConf) -> Result<(), ConfError>
         ValueSpec::Variable(v) => vec![v],
         ValueSpec::Complex(vs) => vs,
     };
+    for name in names.iter().filter(|n| options::computed_at_log_time(n)) {
+        // SAFETY: called from a directive handler.
+        let index = unsafe { variable_index(cf, name) }?;
+        if !main.recomputed.contains(&index) {
+            main.recomputed.push(index);
+        }
+    }
     main.variables
         .extend(names.into_iter().map(|name| VariableUse {
             name,

@@ -5,9 +5,9 @@
 use std::slice;
 
 use ngx::ffi::{
-    ngx_array_push, ngx_conf_t, ngx_http_complex_value, ngx_http_get_indexed_variable,
+    ngx_array_push, ngx_conf_t, ngx_http_complex_value, ngx_http_get_flushed_variable,
     ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_LOG_PHASE, ngx_http_request_t, ngx_int_t,
-    ngx_str_t, NGX_OK,
+    ngx_str_t, ngx_uint_t, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
@@ -36,8 +36,13 @@ pub unsafe fn register(cf: *mut ngx_conf_t) -> bool {
     true
 }
 
-/// Reads one field's value. `None` is "absent": the variable was not found, or evaluation
-/// failed.
+/// Reads one field's value as access_log would read it now. `None` is "absent": the
+/// variable was not found, or evaluation failed.
+///
+/// Non-cacheable variables (`$status`, `$request_time`, `$upstream_*`, …) are evaluated
+/// again rather than taken from the request's cache: by
+/// `ngx_http_get_flushed_variable` for a lone variable, and by `ngx_http_complex_value`
+/// itself (it flushes its variables first) for a complex value.
 ///
 /// # Safety
 /// `r` must be a live request; the returned bytes live in its pool.
@@ -46,7 +51,7 @@ unsafe fn value<'r>(r: *mut ngx_http_request_t, field: &Field) -> Option<&'r [u8
     unsafe {
         match field.source {
             Source::Variable(index) => {
-                let v = ngx_http_get_indexed_variable(r, index).as_ref()?;
+                let v = ngx_http_get_flushed_variable(r, index).as_ref()?;
                 if v.not_found() != 0 || v.valid() == 0 {
                     return None;
                 }
@@ -76,12 +81,28 @@ unsafe fn bytes<'a>(data: *const u8, len: usize) -> &'a [u8] {
     }
 }
 
-/// Log phase: one record per request where `logtally` is on.
+/// Drops the cached values of the variables access_log computes afresh when it writes
+/// (`MainConf::recomputed`), so the next read evaluates them now.
+///
+/// # Safety
+/// `r` must be a live request and every index one nginx gave out for this configuration.
+unsafe fn forget_cached(r: *mut ngx_http_request_t, indexes: &[ngx_uint_t]) {
+    for &index in indexes {
+        // SAFETY: r->variables has one slot per configured variable (shared with its
+        // subrequests, as nginx does), and the index came from this configuration.
+        let v = unsafe { &mut *(*r).variables.add(index) };
+        v.set_valid(0);
+        v.set_not_found(0);
+    }
+}
+
+/// Log phase: one record per request where `logtally` is on (and per subrequest there,
+/// with `log_subrequest on`).
 ///
 /// # Safety
 /// Only nginx calls this, with a live request.
 unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    // SAFETY: nginx calls log handlers with a live main request.
+    // SAFETY: nginx calls log handlers with a live request.
     let req = unsafe { &*r };
     let Some(lc) = Module::location_conf(req) else {
         return NGX_OK as ngx_int_t;
@@ -94,6 +115,8 @@ unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     };
     // The request's start time, as access_log's $msec sees it.
     let time_ms = (req.start_sec.max(0) as u64) * 1000 + req.start_msec as u64;
+    // SAFETY: r is live; the indexes were given out for this configuration.
+    unsafe { forget_cached(r, &main.recomputed) };
     let fields: &[Field] = lc.fields.as_deref().unwrap_or(&[]);
     let mut next = fields.iter().peekable();
     // One value per header field, in header order: this location's fields are sorted by

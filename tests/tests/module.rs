@@ -1,5 +1,7 @@
 //! The nginx module in a real nginx (2 workers, loopback): every request becomes exactly one
-//! spool record (checked against a stock access_log), bad configurations fail `nginx -t`
+//! spool record (checked against a stock access_log), field values are what access_log
+//! writes for the same request even when something read them earlier (`add_header`,
+//! subrequests), bad configurations fail `nginx -t`
 //! naming the directive, reloads and a killed worker lose nothing they should not, odd
 //! values are recorded faithfully or cut by the documented rule, a full queue or a spool
 //! that cannot take writes costs events (counted, marked) but never a request, a frozen
@@ -1097,4 +1099,248 @@ fn a_stalled_disk_never_stalls_requests_or_reloads() {
     }
     assert!(seen.values().all(|&times| times == 1));
     drop(disk);
+}
+
+/// An http block where `logtally_field` and a stock access_log format (tab-separated) read
+/// the same values in one order, for [`events_against_access_log`]: `http_extra` goes at
+/// http level, `server_body` into the one server (logtally and access_log on there).
+fn compared_conf(pairs: &[(&str, &str)], http_extra: &str, server_body: &str) -> String {
+    let fields: String = pairs
+        .iter()
+        .map(|(name, value)| format!("logtally_field {name} {value};\n"))
+        .collect();
+    let format: Vec<&str> = pairs
+        .iter()
+        .map(|(_, value)| value.trim_matches('"'))
+        .collect();
+    format!(
+        "logtally_spool @DIR@/spool flush=20ms;
+        {fields}
+        log_format same '{}';
+        {http_extra}
+        server {{
+            listen 127.0.0.1:@PORT@;
+            logtally on;
+            # The harness switches access_log off at http level.
+            access_log @DIR@/access.log same;
+            {server_body}
+        }}",
+        format.join("\\t")
+    )
+}
+
+/// Stops nginx (one worker, so events and access_log lines are in the same order) and
+/// checks every event against the stock access_log line nginx wrote for the same request,
+/// field by field (absent is access_log's `-`). Returns the rows, by field name.
+fn events_against_access_log(
+    n: &mut TestNginx,
+    pairs: &[(&str, &str)],
+) -> Vec<HashMap<String, String>> {
+    let names: Vec<&str> = pairs.iter().map(|(name, _)| *name).collect();
+    n.quit();
+    let segs = read_spool(&n.dir().join("spool"));
+    assert_clean(&segs);
+    let log = std::fs::read_to_string(n.dir().join("access.log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let events = all_events(&segs);
+    assert_eq!(events.len(), lines.len(), "events vs access_log:\n{log}");
+    let mut rows = Vec::new();
+    for ((seg, e), line) in events.into_iter().zip(lines) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        assert_eq!(cols.len(), names.len(), "{line:?}");
+        let mut row = HashMap::new();
+        for (name, col) in names.iter().zip(cols) {
+            let v = seg
+                .value(e, name)
+                .map_or("-".to_string(), |v| String::from_utf8_lossy(v).into_owned());
+            assert_eq!(
+                v, col,
+                "field {name}: event {v:?}, access_log {col:?} in {line:?}"
+            );
+            row.insert(name.to_string(), v);
+        }
+        rows.push(row);
+    }
+    rows
+}
+
+/// A local HTTP upstream serving `count` connections: each gets its response header at
+/// once and its 5-byte body `delay` later.
+fn slow_upstream(count: usize, delay: Duration) -> (u16, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        for conn in listener.incoming().take(count) {
+            let mut conn = conn.unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => req.extend_from_slice(&buf[..k]),
+                }
+            }
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n");
+            let _ = conn.flush();
+            std::thread::sleep(delay);
+            let _ = conn.write_all(b"hello");
+        }
+    });
+    (port, t)
+}
+
+fn parse_secs(s: &str) -> f64 {
+    s.parse()
+        .unwrap_or_else(|_| panic!("not a number of seconds: {s:?}"))
+}
+
+#[test]
+fn body_bytes_sent_read_by_add_header_is_recorded_as_access_log_writes_it() {
+    let pairs = [
+        ("bytes", "$body_bytes_sent"),
+        ("sent", "$bytes_sent"),
+        ("both", "\"$body_bytes_sent/$bytes_sent\""),
+        ("xb", "$sent_http_x_b"),
+    ];
+    let conf = compared_conf(
+        &pairs,
+        "",
+        r#"location / { add_header X-B "$body_bytes_sent $bytes_sent"; return 200 "seventeen bytes!!"; }"#,
+    );
+    let mut n = TestNginx::start(&conf, 1);
+    let mut client = HttpClient::new(n.addr());
+    for _ in 0..3 {
+        let r = client.get(b"/", &[]).unwrap();
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"seventeen bytes!!"[..])
+        );
+    }
+    let rows = events_against_access_log(&mut n, &pairs);
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        // The header was built before any byte went out: the values cached then were 0.
+        assert_eq!(
+            row["xb"], "0 0",
+            "add_header must have read the variables early"
+        );
+        assert_eq!(row["bytes"], "17");
+        let sent: u64 = row["sent"].parse().unwrap();
+        assert!(sent > 17, "{row:?}");
+        assert_eq!(row["both"], format!("17/{sent}"));
+    }
+}
+
+#[test]
+fn request_time_read_by_add_header_is_recorded_as_access_log_writes_it() {
+    const REQUESTS: usize = 3;
+    let (upstream, served) = slow_upstream(REQUESTS, Duration::from_millis(300));
+    let pairs = [
+        ("rt", "$request_time"),
+        ("rt_text", "rt=$request_time"),
+        ("xrt", "$sent_http_x_rt"),
+    ];
+    let conf = compared_conf(
+        &pairs,
+        "",
+        &format!("location / {{ add_header X-RT $request_time; proxy_pass http://127.0.0.1:{upstream}; }}"),
+    );
+    let mut n = TestNginx::start(&conf, 1);
+    let mut client = HttpClient::new(n.addr());
+    for _ in 0..REQUESTS {
+        let r = client.get(b"/", &[]).unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
+    }
+    served.join().unwrap();
+    let rows = events_against_access_log(&mut n, &pairs);
+    assert_eq!(rows.len(), REQUESTS);
+    for row in rows {
+        let (early, rt) = (parse_secs(&row["xrt"]), parse_secs(&row["rt"]));
+        assert!(early < 0.25, "the header went out before the body: {row:?}");
+        assert!(rt >= 0.3, "the body came 300 ms after the header: {row:?}");
+        assert_eq!(row["rt_text"], format!("rt={}", row["rt"]));
+    }
+}
+
+/// Not a staleness case (access_log, whose log-phase handler runs before the module's,
+/// re-reads non-cacheable variables it logs and so refreshes them for everyone): the
+/// upstream values of a proxied location, lists of a failed-over request included, agree
+/// with access_log's.
+#[test]
+fn upstream_variables_of_a_proxied_location_are_recorded_as_access_log_writes_them() {
+    const REQUESTS: usize = 4;
+    let (upstream, served) = slow_upstream(REQUESTS, Duration::from_millis(100));
+    // A port nobody listens on: connecting to it is refused, and nginx tries the next server.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pairs = [
+        ("ust", "$upstream_status"),
+        ("urt", "$upstream_response_time"),
+        ("uaddr", "$upstream_addr"),
+        ("both", "\"$upstream_status $upstream_response_time\""),
+        ("xurt", "$sent_http_x_urt"),
+        ("st", "$status"),
+    ];
+    let conf = compared_conf(
+        &pairs,
+        &format!(
+            "upstream slow {{ server 127.0.0.1:{dead} max_fails=0; server 127.0.0.1:{upstream}; }}"
+        ),
+        r#"location / { add_header X-URT "$upstream_response_time"; proxy_pass http://slow; }"#,
+    );
+    let mut n = TestNginx::start(&conf, 1);
+    let mut client = HttpClient::new(n.addr());
+    for _ in 0..REQUESTS {
+        assert_eq!(client.get(b"/", &[]).unwrap().status, 200);
+    }
+    served.join().unwrap();
+    let rows = events_against_access_log(&mut n, &pairs);
+    assert_eq!(rows.len(), REQUESTS);
+    for row in &rows {
+        assert_eq!(row["st"], "200");
+        assert!(row["ust"].ends_with("200"), "{row:?}");
+        assert_eq!(row["both"], format!("{} {}", row["ust"], row["urt"]));
+        let last_rt = row["urt"].rsplit(", ").next().unwrap();
+        assert!(parse_secs(last_rt) >= 0.1, "{row:?}");
+    }
+    assert!(
+        rows.iter()
+            .any(|r| r["ust"] == "502, 200" && r["uaddr"].contains(", ")),
+        "no request failed over: {rows:?}"
+    );
+}
+
+#[test]
+fn subrequests_are_recorded_with_log_subrequest_and_leave_the_main_status_alone() {
+    let pairs = [("uri", "$uri"), ("st", "$status"), ("text", "st=$status")];
+    let conf = compared_conf(
+        &pairs,
+        "",
+        r#"log_subrequest on;
+            # A content handler (`return` would answer before the access phase's auth).
+            location /private { auth_request /auth; root @DIR@/www; }
+            location = /auth { internal; return 204; }"#,
+    );
+    let mut n = TestNginx::start_with(&conf, 1, |dir| {
+        std::fs::create_dir_all(dir.join("www")).unwrap();
+        std::fs::write(dir.join("www/private"), b"ok").unwrap();
+    });
+    let mut client = HttpClient::new(n.addr());
+    for _ in 0..2 {
+        let r = client.get(b"/private", &[]).unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+    }
+    let rows = events_against_access_log(&mut n, &pairs);
+    let got: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| (r["uri"].as_str(), r["st"].as_str(), r["text"].as_str()))
+        .collect();
+    let sub = ("/auth", "204", "st=204");
+    let main = ("/private", "200", "st=200");
+    assert_eq!(got, [sub, main, sub, main]);
 }
