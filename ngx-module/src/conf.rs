@@ -118,6 +118,9 @@ pub struct LocConf {
     pub enable: ngx_flag_t,
     /// This level's fields sorted by slot; `None` inherits the enclosing level's list.
     pub fields: Option<Vec<Field>>,
+    /// Whether this location serves `logtally_status` (never inherited): its requests are
+    /// never recorded, so scrapes do not become events.
+    pub status: bool,
 }
 
 impl Default for LocConf {
@@ -125,6 +128,7 @@ impl Default for LocConf {
         LocConf {
             enable: NGX_CONF_UNSET as ngx_flag_t,
             fields: None,
+            status: false,
         }
     }
 }

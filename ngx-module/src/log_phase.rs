@@ -97,7 +97,7 @@ unsafe fn forget_cached(r: *mut ngx_http_request_t, indexes: &[ngx_uint_t]) {
 }
 
 /// Log phase: one record per request where `logtally` is on (and per subrequest there,
-/// with `log_subrequest on`).
+/// with `log_subrequest on`), except in `logtally_status` locations.
 ///
 /// # Safety
 /// Only nginx calls this, with a live request.
@@ -107,7 +107,7 @@ unsafe extern "C" fn log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     let Some(lc) = Module::location_conf(req) else {
         return NGX_OK as ngx_int_t;
     };
-    if lc.enable != 1 {
+    if lc.enable != 1 || lc.status {
         return NGX_OK as ngx_int_t;
     }
     let Some(main) = Module::main_conf(req) else {

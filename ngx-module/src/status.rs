@@ -1,6 +1,6 @@
 //! `logtally_status`: the directive and its content handler, kept together as nginx's own
 //! `stub_status` keeps them. The handler serves the counters of all workers (the shared
-//! zone) in the Prometheus text format.
+//! zone) in the Prometheus text format; the location's requests are never recorded.
 
 use std::ffi::{c_char, c_void};
 
@@ -13,18 +13,22 @@ use ngx::ffi::{
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
+use crate::conf::LocConf;
 use crate::counters::{render_prometheus, CounterValues, PROMETHEUS_CONTENT_TYPE};
 use crate::{zone, Module};
 
-/// `logtally_status;`
+/// `logtally_status;` Requests to the location are never recorded, even where `logtally`
+/// is on: a scrape is not traffic.
 ///
 /// # Safety
 /// Only nginx calls this, as a directive handler, with its live configuration context.
 pub unsafe extern "C" fn cmd_status(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
-    _conf: *mut c_void,
+    conf: *mut c_void,
 ) -> *mut c_char {
+    // SAFETY: nginx passes this module's location conf (NGX_HTTP_LOC_CONF_OFFSET).
+    unsafe { (*conf.cast::<LocConf>()).status = true };
     // SAFETY: cf is an http location context; the core location conf exists there.
     unsafe {
         let Some(clcf) = NgxHttpCoreModule::location_conf_mut(&*cf) else {

@@ -1344,3 +1344,41 @@ fn subrequests_are_recorded_with_log_subrequest_and_leave_the_main_status_alone(
     let main = ("/private", "200", "st=200");
     assert_eq!(got, [sub, main, sub, main]);
 }
+
+#[test]
+fn status_scrapes_are_never_recorded_even_where_logtally_is_on() {
+    const REQUESTS: u64 = 5;
+    let conf = r#"
+        logtally_spool @DIR@/spool flush=20ms;
+        logtally on;
+        logtally_field uri $uri;
+        server {
+            listen 127.0.0.1:@PORT@;
+            location / { return 204; }
+            location /status { logtally_status; location /status/nested { return 204; } }
+        }
+    "#;
+    let mut n = TestNginx::start(conf, 1);
+    let mut client = HttpClient::new(n.addr());
+    for _ in 0..REQUESTS {
+        assert_eq!(client.get(b"/e", &[]).unwrap().status, 204);
+    }
+    // A nested location does not serve the counters, so it does not inherit the exemption.
+    assert_eq!(client.get(b"/status/nested", &[]).unwrap().status, 204);
+    // Every poll is a scrape that logtally must not count.
+    n.wait_until(Duration::from_secs(10), "the events written", || {
+        status_value(&status(n.addr()), "logtally_module_events_total") == REQUESTS + 1
+    });
+    for _ in 0..5 {
+        status(n.addr());
+    }
+    n.quit();
+    let segs = read_spool(&n.dir().join("spool"));
+    let uris: Vec<&[u8]> = all_events(&segs)
+        .into_iter()
+        .map(|(s, e)| s.value(e, "uri").unwrap())
+        .collect();
+    let mut want = vec![&b"/e"[..]; REQUESTS as usize];
+    want.push(b"/status/nested");
+    assert_eq!(uris, want);
+}
