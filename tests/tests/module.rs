@@ -1382,3 +1382,42 @@ fn status_scrapes_are_never_recorded_even_where_logtally_is_on() {
     want.push(b"/status/nested");
     assert_eq!(uris, want);
 }
+
+#[test]
+fn internal_redirects_record_the_final_location_and_args_stay_raw() {
+    let conf = r#"
+        logtally_spool @DIR@/spool flush=20ms;
+        log_format where '$uri\t$arg_q';
+        logtally on;
+        server {
+            listen 127.0.0.1:@PORT@;
+            logtally_field uri $uri;
+            logtally_field q $arg_q;
+            access_log @DIR@/access.log where;
+            location /start { logtally_field where start; rewrite ^ /end last; }
+            location /end { logtally_field where end; logtally_field q $arg_q; return 204; }
+            location /to-off { error_page 404 = /off; return 404; }
+            location /off { logtally off; return 204; }
+        }
+    "#;
+    let mut n = TestNginx::start(conf, 1);
+    let mut client = HttpClient::new(n.addr());
+    for target in [&b"/start?q=a%20b+c%2F"[..], b"/to-off?q=x"] {
+        assert_eq!(client.get(target, &[]).unwrap().status, 204);
+    }
+    n.quit();
+    let segs = read_spool(&n.dir().join("spool"));
+    let events = all_events(&segs);
+    // One event, with the fields of the location the request ended in (its `where`, and no
+    // server-level `uri`), the query argument as the client sent it (not URL-decoded);
+    // the redirect into a `logtally off` location records nothing, as access_log
+    // follows the final location too.
+    assert_eq!(events.len(), 1);
+    let (seg, e) = events[0];
+    assert_eq!(seg.value(e, "where"), Some(&b"end"[..]));
+    assert_eq!(seg.value(e, "uri"), None);
+    assert_eq!(seg.value(e, "q"), Some(&b"a%20b+c%2F"[..]));
+    let log = std::fs::read_to_string(n.dir().join("access.log")).unwrap();
+    // (error_page drops the arguments of a redirect without its own.)
+    assert_eq!(log, "/end\ta%20b+c%2F\n/off\t-\n");
+}
