@@ -44,11 +44,12 @@ use std::ptr::{addr_of, addr_of_mut};
 
 #[cfg(not(test))]
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_post_t, ngx_conf_set_flag_slot, ngx_conf_t, ngx_cycle_t,
-    ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_process, ngx_uint_t, NGX_CONF_1MORE,
-    NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE2, NGX_ERROR, NGX_HTTP_LOC_CONF,
-    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE,
-    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_OK, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
+    ngx_command_t, ngx_conf_post_t, ngx_conf_set_flag_slot, ngx_conf_t, ngx_core_conf_t,
+    ngx_core_module, ngx_cycle_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_process,
+    ngx_uid_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE2,
+    NGX_ERROR, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
+    NGX_HTTP_MAIN_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_WARN,
+    NGX_OK, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
 };
 #[cfg(not(test))]
 use ngx::http::{HttpModule, HttpModuleLocationConf, HttpModuleMainConf};
@@ -113,6 +114,39 @@ unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     // SAFETY: cf is the postconfiguration context.
     if main.spool.is_some() && unsafe { !log_phase::register(cf) } {
         return NGX_ERROR as ngx_int_t;
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// Runs in the master (and in `nginx -t`) once nginx has created the cycle's folders: gives
+/// the spool folder its documented group and mode ([`spool_dir::settle`]). A failure is
+/// logged, not fatal: the workers can write either way, only another reader may not.
+#[cfg(not(test))]
+unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: cycle is the new, fully configured cycle.
+    let cycle = unsafe { &*cycle };
+    let Some(spool) = Module::main_conf(cycle).and_then(|m| m.spool.as_ref()) else {
+        return NGX_OK as ngx_int_t;
+    };
+    // SAFETY: the core module's conf exists in every cycle, at the core module's index.
+    let core = unsafe {
+        let index = (*addr_of!(ngx_core_module)).index;
+        (*cycle.conf_ctx.add(index))
+            .cast::<ngx_core_conf_t>()
+            .as_ref()
+    };
+    // Set (not NGX_CONF_UNSET_UINT) only when the master runs as root: it then switches
+    // the workers to this user and group.
+    let worker_group = core.filter(|c| c.user != ngx_uid_t::MAX).map(|c| c.group);
+    // SAFETY: getegid has no preconditions and cannot fail.
+    let master_group = unsafe { libc::getegid() };
+    if let Err(e) = spool_dir::settle(&spool.dir, worker_group, master_group) {
+        ngx::ngx_log_error!(
+            NGX_LOG_WARN,
+            cycle.log,
+            "logtally: cannot give spool folder \"{}\" its group and mode (g+rwx, setgid): {e}",
+            spool.dir.display()
+        );
     }
     NGX_OK as ngx_int_t
 }
@@ -225,6 +259,7 @@ pub static mut ngx_http_logtally_module: ngx_module_t = ngx_module_t {
     // SAFETY: only the address is taken; nginx walks the array until the empty command.
     commands: unsafe { &NGX_HTTP_LOGTALLY_COMMANDS[0] as *const _ as *mut _ },
     type_: NGX_HTTP_MODULE as ngx_uint_t,
+    init_module: Some(init_module),
     init_process: Some(init_process),
     exit_process: Some(exit_process),
     ..ngx_module_t::default()

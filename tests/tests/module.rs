@@ -1421,3 +1421,58 @@ fn internal_redirects_record_the_final_location_and_args_stay_raw() {
     // (error_page drops the arguments of a redirect without its own.)
     assert_eq!(log, "/end\ta%20b+c%2F\n/off\t-\n");
 }
+
+/// The `Uid:` and `Gid:` (effective) of a process, from /proc.
+fn process_ids(pid: i32) -> (u32, u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let effective = |key: &str| {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    (effective("Uid:"), effective("Gid:"))
+}
+
+#[test]
+fn the_spool_folder_is_the_worker_users_with_group_access_as_documented() {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        eprintln!("NOT RUN: needs root (an nginx master that switches its workers to a user)");
+        return;
+    }
+    const OPERATORS_GROUP: u32 = 4242;
+    for premade in [false, true] {
+        let mut n = TestNginx::start_with(GOOD, 1, |dir| {
+            if premade {
+                // An operator's folder with a group of their choosing (e.g. the sidecar's).
+                let spool = dir.join("spool");
+                std::fs::create_dir(&spool).unwrap();
+                std::os::unix::fs::chown(&spool, Some(0), Some(OPERATORS_GROUP)).unwrap();
+                let mode = std::os::unix::fs::PermissionsExt::from_mode(0o750);
+                std::fs::set_permissions(&spool, mode).unwrap();
+            }
+        });
+        let (worker_uid, worker_gid) = process_ids(n.worker_pids()[0]);
+        assert_ne!(worker_uid, 0, "workers run as an unprivileged user");
+        assert_eq!(
+            HttpClient::new(n.addr()).get(b"/?a=1", &[]).unwrap().status,
+            204
+        );
+        n.quit();
+        let spool = n.dir().join("spool");
+        let meta = std::fs::metadata(&spool).unwrap();
+        let group = if premade { OPERATORS_GROUP } else { worker_gid };
+        assert_eq!(
+            (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+            (0o2770, worker_uid, group),
+            "spool folder (premade: {premade}): mode, owner, group"
+        );
+        let segs = read_spool(&spool);
+        assert_eq!(segs.len(), 1);
+        let seg = std::fs::metadata(&segs[0].path).unwrap();
+        assert_eq!(
+            (seg.mode() & 0o7777, seg.uid(), seg.gid()),
+            (0o640, worker_uid, group),
+            "segment (premade: {premade}): mode, owner, group (the folder's: setgid)"
+        );
+    }
+}
