@@ -5,6 +5,8 @@
 #   logtally   the logtally module, 5 fields
 #   combined   access_log in the combined format, unbuffered (nginx's default)
 #   json       access_log, JSON format, buffer=64k flush=1s
+#   baseline   (only with BASELINE_MODULE=<.so>) the logtally configuration with another
+#              build of the module, e.g. the one before a change: before/after in one run
 # Prints per-round numbers, then medians, the ratio to "none", and the worker's CPU time per
 # request (from /proc: utime+stime of the worker process, its writer thread included).
 #
@@ -13,6 +15,7 @@
 # worker, not wrk, is what saturates.
 # Env:   ROUNDS=5 DURATION=5 CONNECTIONS=32 THREADS=1 PORT=18090 PIN=1
 #        NGINX=/usr/sbin/nginx MODULE=target/release/libngx_http_logtally_module.so
+#        BASELINE_MODULE=<another build of the module .so> (adds the "baseline" configuration)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +34,12 @@ fi
 PORT="${PORT:-18090}"
 NGINX="${NGINX:-/usr/sbin/nginx}"
 MODULE="${MODULE:-$root/target/release/libngx_http_logtally_module.so}"
+BASELINE_MODULE="${BASELINE_MODULE:-}"
 configs=(none logtally combined json)
+if [[ -n "$BASELINE_MODULE" ]]; then
+    [[ -f "$BASELINE_MODULE" ]] || { echo "no module at $BASELINE_MODULE" >&2; exit 1; }
+    configs+=(baseline)
+fi
 
 command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
 [[ -f "$MODULE" ]] || { echo "no module at $MODULE: run scripts/nginx-build.sh module" >&2; exit 1; }
@@ -50,7 +58,7 @@ http_block() {
     local name=$1 dir=$2
     case "$name" in
         none) echo "access_log off;" ;;
-        logtally) cat <<CONF
+        logtally | baseline) cat <<CONF
 access_log off;
 logtally_spool $dir/spool;
 logtally on;
@@ -78,8 +86,10 @@ for name in "${configs[@]}"; do
     mkdir -p "$dir/tmp"
     port=$((PORT + i))
     port_of[$name]=$port
+    module=$MODULE
+    [[ "$name" == baseline ]] && module=$BASELINE_MODULE
     cat >"$dir/nginx.conf" <<CONF
-load_module $MODULE;
+load_module $module;
 worker_processes 1;
 $affinity
 daemon off;
@@ -118,7 +128,7 @@ clk=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 url_path='/e?ad=7&ev=view&cmp=spring'
-declare -A rps_list cpu_list
+declare -A rps_list cpu_list rps_of cpu_of rps_vs_json cpu_vs_json
 echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS wrk_threads=$THREADS pinned=$PIN nginx=$("$NGINX" -v 2>&1 | sed 's,.*/,,')"
 printf '%-6s %-10s %12s %14s\n' round config req/s "worker_us/req"
 for round in $(seq "$ROUNDS"); do
@@ -133,7 +143,15 @@ for round in $(seq "$ROUNDS"); do
         us=$(awk -v d=$((after - before)) -v c="$clk" -v n="$reqs" 'BEGIN { printf "%.2f", d / c * 1e6 / n }')
         rps_list[$name]+="$rps "
         cpu_list[$name]+="$us "
+        rps_of[$name]=$rps
+        cpu_of[$name]=$us
         printf '%-6s %-10s %12.0f %14s\n' "$round" "$name" "$rps" "$us"
+    done
+    # Per-round ratios to the buffered JSON access_log: the round's neighbours share its noise.
+    for name in logtally baseline; do
+        [[ -n "${rps_of[$name]:-}" ]] || continue
+        rps_vs_json[$name]+="$(awk -v a="${rps_of[$name]}" -v b="${rps_of[json]}" 'BEGIN {print a / b}') "
+        cpu_vs_json[$name]+="$(awk -v a="${cpu_of[$name]}" -v b="${cpu_of[json]}" 'BEGIN {print a / b}') "
     done
 done
 
@@ -147,11 +165,21 @@ for name in "${configs[@]}"; do
         logtally) label="logtally, 5 fields" ;;
         combined) label="access_log combined, unbuffered" ;;
         json) label="access_log json, buffer=64k" ;;
+        baseline) label="logtally, BASELINE_MODULE" ;;
     esac
     m=$(median <<<"${rps_list[$name]}")
     c=$(median <<<"${cpu_list[$name]}")
     printf '%-34s %12.0f %8.3f %14s\n' "$label" "$m" "$(awk -v a="$m" -v b="$base" 'BEGIN {print a / b}')" "$c"
 done
 echo
-status=$(curl -fs "http://127.0.0.1:${port_of[logtally]}/status")
-echo "logtally: $(grep -E '^logtally_module_(events|dropped)_total' <<<"$status" | tr '\n' ' ')"
+printf '%-34s %16s %16s\n' "vs json access_log (median of rounds)" "req/s ratio" "worker_us ratio"
+for name in logtally baseline; do
+    [[ -n "${rps_vs_json[$name]:-}" ]] || continue
+    printf '%-34s %16.3f %16.3f\n' "$name" "$(median <<<"${rps_vs_json[$name]}")" "$(median <<<"${cpu_vs_json[$name]}")"
+done
+echo
+for name in logtally baseline; do
+    [[ -n "${port_of[$name]:-}" ]] || continue
+    status=$(curl -fs "http://127.0.0.1:${port_of[$name]}/status")
+    echo "$name: $(grep -E '^logtally_module_(events|dropped)_total' <<<"$status" | tr '\n' ' ')"
+done

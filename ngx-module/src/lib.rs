@@ -13,8 +13,9 @@
 //! - [`log_phase`]: the log-phase handler turning a request into one record;
 //! - [`worker`]: the per-worker request side of the queue and the writer thread's lifecycle;
 //! - [`zone`]: the shared memory zone holding the counters;
-//! - plain Rust, unit-tested without nginx: [`writer`] (the writer thread), [`counters`],
-//!   [`options`] (argument parsing), [`spool_dir`] (the spool folder check).
+//! - plain Rust, unit-tested without nginx: [`queue`] (the per-worker pair of buffers),
+//!   [`writer`] (the writer thread), [`counters`], [`options`] (argument parsing),
+//!   [`spool_dir`] (the spool folder's check, owner and mode).
 //!
 //! The FFI glue is left out of the unit-test build: its nginx symbols exist only inside an
 //! nginx process, so a test binary holding it could not load. `tests/tests/module.rs` runs
@@ -26,6 +27,7 @@ pub mod counters;
 #[cfg(not(test))]
 pub mod log_phase;
 pub mod options;
+pub mod queue;
 pub mod spool_dir;
 #[cfg(not(test))]
 pub mod status;

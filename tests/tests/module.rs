@@ -270,6 +270,16 @@ fn bad_configurations_fail_nginx_t_naming_the_directive() {
         |_| {},
         &["\"logtally_spool\" directive", "flush", "soon"],
     );
+    for queue in ["0", "lots", "64x", "2g", "512b"] {
+        assert_rejected(
+            &spool(&format!("logtally_spool @DIR@/spool queue={queue};")),
+            |_| {},
+            &[
+                "\"logtally_spool\" directive",
+                &format!("invalid queue \"{queue}\""),
+            ],
+        );
+    }
     assert_rejected(
         &spool("logtally_spool @DIR@/spool fsync=never;"),
         |_| {},
@@ -884,9 +894,16 @@ fn levels_inherit_switch_off_and_leave_undeclared_fields_absent() {
 
 #[test]
 fn a_full_queue_drops_counts_and_marks_the_spool() {
+    // A bound in records, and one in bytes (about 30 of these events).
+    for queue in ["8", "1k"] {
+        a_full_queue_drops_counts_and_marks(queue);
+    }
+}
+
+fn a_full_queue_drops_counts_and_marks(queue: &str) {
     const TOTAL: u64 = 400;
     let conf = r#"
-        logtally_spool @DIR@/spool flush=1s queue=8;
+        logtally_spool @DIR@/spool flush=1s queue=@QUEUE@;
         server {
             listen 127.0.0.1:@PORT@;
             logtally on;
@@ -894,8 +911,9 @@ fn a_full_queue_drops_counts_and_marks_the_spool() {
             location / { return 204; }
             location /status { logtally off; logtally_status; }
         }
-    "#;
-    let mut n = TestNginx::start(conf, 2);
+    "#
+    .replace("@QUEUE@", queue);
+    let mut n = TestNginx::start(&conf, 2);
     let mut client = HttpClient::new(n.addr());
     // Far faster than one writer wake (1 s) can take 8 records per worker.
     for id in 0..TOTAL {
@@ -907,33 +925,51 @@ fn a_full_queue_drops_counts_and_marks_the_spool() {
             204
         );
     }
+    let (written, dropped) = written_and_dropped(&n, TOTAL);
+    assert!(
+        dropped > 0 && written >= 8,
+        "queue={queue}: {written} written, {dropped} dropped"
+    );
+    spool_agrees_with_counters(&mut n, written, dropped);
+}
+
+/// Waits until the module's counters account for all `total` events sent, and returns
+/// them: (written, dropped).
+fn written_and_dropped(n: &TestNginx, total: u64) -> (u64, u64) {
+    let counts = || {
+        let text = status(n.addr());
+        (
+            status_value(&text, "logtally_module_events_total"),
+            status_value(&text, "logtally_module_dropped_total"),
+        )
+    };
     n.wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         "every event written or dropped",
         || {
-            let text = status(n.addr());
-            status_value(&text, "logtally_module_events_total")
-                + status_value(&text, "logtally_module_dropped_total")
-                == TOTAL
+            let (written, dropped) = counts();
+            written + dropped == total
         },
     );
-    let text = status(n.addr());
-    let dropped = status_value(&text, "logtally_module_dropped_total");
-    let written = status_value(&text, "logtally_module_events_total");
-    assert!(dropped > 0 && written >= 8, "{text}");
-    n.quit();
+    counts()
+}
 
+/// Stops nginx, then checks the spool against the counters: clean segments, `written`
+/// events with distinct ids, drop markers summing to `dropped`. Returns the ids.
+fn spool_agrees_with_counters(n: &mut TestNginx, written: u64, dropped: u64) -> HashSet<u64> {
+    n.quit();
     let segs = read_spool(&n.dir().join("spool"));
     assert_clean(&segs);
-    let events: usize = segs.iter().map(|s| s.events.len()).sum();
-    let markers: u64 = segs.iter().map(|s| s.dropped).sum();
-    assert_eq!(events as u64, written);
-    assert_eq!(markers, dropped, "drop markers carry every dropped event");
     let ids: HashSet<u64> = all_events(&segs)
         .into_iter()
         .map(|(s, e)| id_of(s, e))
         .collect();
+    let events: usize = segs.iter().map(|s| s.events.len()).sum();
+    assert_eq!(events as u64, written, "events in the spool vs counted");
     assert_eq!(ids.len(), events, "no id twice");
+    let markers: u64 = segs.iter().map(|s| s.dropped).sum();
+    assert_eq!(markers, dropped, "drop markers carry every dropped event");
+    ids
 }
 
 /// An ext4 image, loop-mounted for a test, that `fsfreeze` can stall like a hung disk:
@@ -1010,6 +1046,75 @@ fn any_thread_stuck(pids: &[i32]) -> bool {
     })
 }
 
+/// nginx with its spool folder on a loop-mounted file system that the test can freeze;
+/// `None` where mounting is not allowed. (Bound in this order, nginx is dropped, and
+/// stopped, before the file system is.)
+fn start_on_loop_fs(conf: &str, workers: usize) -> Option<(LoopFs, TestNginx)> {
+    let mut disk = None;
+    let n = TestNginx::start_with(conf, workers, |dir| disk = LoopFs::new(&dir.join("spool")));
+    Some((disk?, n))
+}
+
+/// Resident memory of a process, in bytes (`VmRSS`).
+fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[test]
+fn a_frozen_disk_holds_a_worker_to_its_byte_queue_and_every_drop_is_counted() {
+    const QUEUE: u64 = 256 << 10;
+    const WARM: u64 = 200;
+    const TOTAL: u64 = 3000;
+    let conf = PAD_CONF.replace("fsync=off", "queue=256k");
+    let Some((disk, mut n)) = start_on_loop_fs(&conf, 1) else {
+        eprintln!("NOT RUN: cannot loop-mount here (needs root): frozen-disk memory bound");
+        return;
+    };
+    let worker = n.worker_pids()[0];
+    // 4 KiB a request: 12 MB in all, 47 times the queue.
+    let pad = vec![b'p'; 4000];
+    let mut client = HttpClient::new(n.addr());
+    let mut send = |ids: std::ops::Range<u64>, pad: &[u8]| {
+        for id in ids {
+            let target = format!("/e?id={id}");
+            let r = client.get(target.as_bytes(), &[("X-Pad", pad)]).unwrap();
+            assert_eq!(r.status, 204);
+        }
+    };
+    // Small events first: none dropped.
+    send(0..WARM, b"");
+    n.wait_until(Duration::from_secs(10), "the first events on disk", || {
+        status_value(&status(n.addr()), "logtally_module_events_total") == WARM
+    });
+    let before = rss_bytes(worker);
+    let frozen = disk.freeze();
+    send(WARM..TOTAL, &pad);
+    n.wait_until(
+        Duration::from_secs(10),
+        "the writer stuck on the disk",
+        || any_thread_stuck(&[worker]),
+    );
+    let grown = rss_bytes(worker).saturating_sub(before);
+    // Both buffers together hold at most QUEUE bytes; the rest is allocator slack.
+    assert!(
+        grown < 4 << 20,
+        "worker grew by {grown} bytes with a {QUEUE}-byte queue and a frozen disk"
+    );
+    drop(frozen);
+    let (written, dropped) = written_and_dropped(&n, TOTAL);
+    assert!(dropped > TOTAL / 2, "{written} written, {dropped} dropped");
+    let ids = spool_agrees_with_counters(&mut n, written, dropped);
+    assert!((0..WARM).all(|id| ids.contains(&id)));
+    drop(disk);
+}
+
 #[test]
 fn a_stalled_disk_never_stalls_requests_or_reloads() {
     let conf = r#"
@@ -1022,9 +1127,7 @@ fn a_stalled_disk_never_stalls_requests_or_reloads() {
             location /status { logtally off; logtally_status; }
         }
     "#;
-    let mut disk = None;
-    let mut n = TestNginx::start_with(conf, 2, |dir| disk = LoopFs::new(&dir.join("spool")));
-    let Some(disk) = disk else {
+    let Some((disk, mut n)) = start_on_loop_fs(conf, 2) else {
         eprintln!("cannot loop-mount here: stalled disk test skipped");
         return;
     };
