@@ -10,12 +10,19 @@
 # Prints per-round numbers, then medians, the ratio to "none", and the worker's CPU time per
 # request (from /proc: utime+stime of the worker process, its writer thread included).
 #
+# MEASURE=instructions instead runs each configuration once, in one nginx process under
+# valgrind's callgrind, and prints the user-space instructions it executed per request
+# (writer thread included; the kernel's share, the same TCP work for all, is not counted):
+# a count that other load on the machine cannot change, where time per request can swing
+# by a third on a busy box.
+#
 # Usage: bench/nginx-wrk.sh            (needs the Route A module: scripts/nginx-build.sh module)
 # With 2+ CPUs the worker is pinned to CPU 1 and wrk to CPU 0 (PIN=0 turns that off), so the
 # worker, not wrk, is what saturates.
 # Env:   ROUNDS=5 DURATION=5 CONNECTIONS=32 THREADS=1 PORT=18090 PIN=1
 #        NGINX=/usr/sbin/nginx MODULE=target/release/libngx_http_logtally_module.so
 #        BASELINE_MODULE=<another build of the module .so> (adds the "baseline" configuration)
+#        MEASURE=time|instructions
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,6 +42,14 @@ PORT="${PORT:-18090}"
 NGINX="${NGINX:-/usr/sbin/nginx}"
 MODULE="${MODULE:-$root/target/release/libngx_http_logtally_module.so}"
 BASELINE_MODULE="${BASELINE_MODULE:-}"
+MEASURE="${MEASURE:-time}"
+processes="worker_processes 1;"
+if [[ "$MEASURE" == instructions ]]; then
+    command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
+    # valgrind follows one process: the single-process mode (init_process runs there too).
+    processes="master_process off;"
+    affinity=""
+fi
 configs=(none logtally combined json)
 if [[ -n "$BASELINE_MODULE" ]]; then
     [[ -f "$BASELINE_MODULE" ]] || { echo "no module at $BASELINE_MODULE" >&2; exit 1; }
@@ -90,7 +105,7 @@ for name in "${configs[@]}"; do
     [[ "$name" == baseline ]] && module=$BASELINE_MODULE
     cat >"$dir/nginx.conf" <<CONF
 load_module $module;
-worker_processes 1;
+$processes
 $affinity
 daemon off;
 error_log $dir/error.log notice;
@@ -111,15 +126,56 @@ http {
     }
 }
 CONF
-    "$NGINX" -p "$dir" -c "$dir/nginx.conf" &
-    pids+=($!)
+    if [[ "$MEASURE" != instructions ]]; then
+        "$NGINX" -p "$dir" -c "$dir/nginx.conf" &
+        pids+=($!)
+    fi
     i=$((i + 1))
 done
-for name in "${configs[@]}"; do
-    for _ in $(seq 100); do
-        curl -fs -o /dev/null "http://127.0.0.1:${port_of[$name]}/" && break
+
+url_path='/e?ad=7&ev=view&cmp=spring'
+wait_ready() {
+    for _ in $(seq 600); do
+        curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0
         sleep 0.05
     done
+    echo "nginx on port $1 did not answer" >&2
+    exit 1
+}
+
+if [[ "$MEASURE" == instructions ]]; then
+    declare -A ir_per
+    echo "user-space instructions per request (callgrind), duration=${DURATION}s connections=$CONNECTIONS"
+    for name in "${configs[@]}"; do
+        dir="$work/$name"
+        valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
+            "$NGINX" -p "$dir" -c "$dir/nginx.conf" >"$dir/valgrind.log" 2>&1 &
+        vg=$!
+        pids+=("$vg")
+        wait_ready "${port_of[$name]}"
+        # Count only the requests below: not start-up, configuration or the first request.
+        callgrind_control -z "$vg" >/dev/null 2>&1
+        out=$("${wrk_cmd[@]}" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -H 'User-Agent: logtally-bench/1.0' \
+            "http://127.0.0.1:${port_of[$name]}$url_path")
+        callgrind_control -d "$vg" >/dev/null 2>&1
+        kill -QUIT "$vg"
+        wait "$vg" || true
+        reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+        ir=$(awk '/^summary:/ {print $2}' "$dir"/callgrind.out.1)
+        ir_per[$name]=$((ir / reqs))
+        printf '%-10s %10s requests %14s instructions %8s per request\n' "$name" "$reqs" "$ir" "${ir_per[$name]}"
+    done
+    echo
+    printf '%-10s %16s %12s %12s\n' config "instr/request" "- none" "vs json"
+    for name in "${configs[@]}"; do
+        printf '%-10s %16s %12s %12.3f\n' "$name" "${ir_per[$name]}" "$((ir_per[$name] - ir_per[none]))" \
+            "$(awk -v a="$((ir_per[$name] - ir_per[none]))" -v b="$((ir_per[json] - ir_per[none]))" 'BEGIN {print (b ? a / b : 0)}')"
+    done
+    exit 0
+fi
+
+for name in "${configs[@]}"; do
+    wait_ready "${port_of[$name]}"
     master=$(cat "$work/$name/nginx.pid")
     worker_of[$name]=$(pgrep -P "$master" | head -n1)
 done
@@ -127,7 +183,6 @@ done
 clk=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-url_path='/e?ad=7&ev=view&cmp=spring'
 declare -A rps_list cpu_list rps_of cpu_of rps_vs_json cpu_vs_json
 echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS wrk_threads=$THREADS pinned=$PIN nginx=$("$NGINX" -v 2>&1 | sed 's,.*/,,')"
 printf '%-6s %-10s %12s %14s\n' round config req/s "worker_us/req"

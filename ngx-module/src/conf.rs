@@ -20,6 +20,7 @@ use ngx::http::{HttpModuleMainConf, Merge, MergeConfigError};
 
 use logtally_spool::SegmentWriterConfig;
 
+use crate::log_vars::{self, LogVar};
 use crate::options::{self, OptionError, SpoolOptions, ValueSpec};
 use crate::writer::WriterConfig;
 use crate::Module;
@@ -33,9 +34,9 @@ pub struct MainConf {
     pub fields: Vec<String>,
     /// Variables that `logtally_field` values use, checked once all are declared.
     pub variables: Vec<VariableUse>,
-    /// Indexes of the variables used that nginx's log module computes afresh when it writes
-    /// a line ([`options::computed_at_log_time`]): their cached values are dropped before
-    /// each record is read, so a value read earlier in the request cannot linger.
+    /// Indexes of the variables complex values use that nginx's log module computes afresh
+    /// when it writes a line ([`log_vars::computed_at_log_time`]): their cached values are
+    /// dropped before each record is read, so a value read earlier cannot linger.
     pub recomputed: Vec<ngx_uint_t>,
     /// Where the first `logtally on` is (`file:line`), if any level switches logging on.
     pub enabled_at: Option<String>,
@@ -98,6 +99,8 @@ pub struct VariableUse {
 pub enum Source {
     /// One variable, by index: not found is recorded as absent.
     Variable(ngx_uint_t),
+    /// One of the variables access_log computes itself, computed the same way.
+    LogVar(LogVar),
     /// An nginx complex value, compiled into the configuration pool.
     Complex(*mut ngx_http_complex_value_t),
 }
@@ -346,8 +349,11 @@ unsafe fn field(cf: *mut ngx_conf_t, loc: &mut LocConf) -> Result<(), ConfError>
     // SAFETY: called from a directive handler.
     let at = unsafe { position(cf) };
     let source = match &spec {
-        // SAFETY: called from a directive handler.
-        ValueSpec::Variable(var) => Source::Variable(unsafe { variable_index(cf, var) }?),
+        ValueSpec::Variable(var) => match LogVar::from_name(var) {
+            Some(v) => Source::LogVar(v),
+            // SAFETY: called from a directive handler.
+            None => Source::Variable(unsafe { variable_index(cf, var) }?),
+        },
         ValueSpec::Complex(_) => {
             // SAFETY: the complex value is allocated in the configuration pool and filled
             // in by nginx's script compiler from the directive's own argument.
@@ -375,7 +381,11 @@ unsafe fn field(cf: *mut ngx_conf_t, loc: &mut LocConf) -> Result<(), ConfError>
         ValueSpec::Variable(v) => vec![v],
         ValueSpec::Complex(vs) => vs,
     };
-    for name in names.iter().filter(|n| options::computed_at_log_time(n)) {
+    let complex = matches!(source, Source::Complex(_));
+    for name in names
+        .iter()
+        .filter(|n| complex && log_vars::computed_at_log_time(n))
+    {
         // SAFETY: called from a directive handler.
         let index = unsafe { variable_index(cf, name) }?;
         if !main.recomputed.contains(&index) {

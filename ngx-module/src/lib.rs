@@ -13,7 +13,8 @@
 //! - [`log_phase`]: the log-phase handler turning a request into one record;
 //! - [`worker`]: the per-worker request side of the queue and the writer thread's lifecycle;
 //! - [`zone`]: the shared memory zone holding the counters;
-//! - plain Rust, unit-tested without nginx: [`queue`] (the per-worker pair of buffers),
+//! - plain Rust, unit-tested without nginx: [`log_vars`] (the variables access_log
+//!   computes itself), [`queue`] (the per-worker pair of buffers),
 //!   [`writer`] (the writer thread), [`counters`], [`options`] (argument parsing),
 //!   [`spool_dir`] (the spool folder's check, owner and mode).
 //!
@@ -26,6 +27,7 @@ pub mod conf;
 pub mod counters;
 #[cfg(not(test))]
 pub mod log_phase;
+pub mod log_vars;
 pub mod options;
 pub mod queue;
 pub mod spool_dir;

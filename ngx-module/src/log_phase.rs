@@ -5,13 +5,14 @@
 use std::slice;
 
 use ngx::ffi::{
-    ngx_array_push, ngx_conf_t, ngx_http_complex_value, ngx_http_get_flushed_variable,
-    ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_LOG_PHASE, ngx_http_request_t, ngx_int_t,
-    ngx_str_t, ngx_uint_t, NGX_OK,
+    ngx_array_push, ngx_cached_time, ngx_conf_t, ngx_http_complex_value,
+    ngx_http_get_flushed_variable, ngx_http_handler_pt, ngx_http_phases_NGX_HTTP_LOG_PHASE,
+    ngx_http_request_t, ngx_int_t, ngx_pnalloc, ngx_str_t, ngx_time_t, ngx_uint_t, NGX_OK,
 };
 use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, NgxHttpCoreModule};
 
 use crate::conf::{Field, Source};
+use crate::log_vars::{self, LogVar, MAX_LEN};
 use crate::{worker, Module};
 
 /// Adds [`log_handler`] to nginx's log phase; false when nginx is out of memory.
@@ -39,10 +40,10 @@ pub unsafe fn register(cf: *mut ngx_conf_t) -> bool {
 /// Reads one field's value as access_log would read it now. `None` is "absent": the
 /// variable was not found, or evaluation failed.
 ///
-/// Non-cacheable variables (`$status`, `$request_time`, `$upstream_*`, …) are evaluated
-/// again rather than taken from the request's cache: by
-/// `ngx_http_get_flushed_variable` for a lone variable, and by `ngx_http_complex_value`
-/// itself (it flushes its variables first) for a complex value.
+/// Non-cacheable variables (`$upstream_*`, `$time_local`, …) are evaluated again rather
+/// than taken from the request's cache: by `ngx_http_get_flushed_variable` for a lone
+/// variable, and by `ngx_http_complex_value` itself (it flushes its variables first) for a
+/// complex value. The ones access_log computes itself are computed as it does.
 ///
 /// # Safety
 /// `r` must be a live request; the returned bytes live in its pool.
@@ -64,8 +65,63 @@ unsafe fn value<'r>(r: *mut ngx_http_request_t, field: &Field) -> Option<&'r [u8
                 }
                 Some(bytes(s.data, s.len))
             }
+            Source::LogVar(var) => log_var(r, var),
         }
     }
+}
+
+/// A variable access_log computes itself, computed with its formula and format (see
+/// `ngx_http_log_vars`), into the request's pool.
+///
+/// # Safety
+/// `r` must be a live request; the returned bytes live in its pool.
+unsafe fn log_var<'r>(r: *mut ngx_http_request_t, var: LogVar) -> Option<&'r [u8]> {
+    // SAFETY: r and its connection are live; ngx_cached_time always points at a valid
+    // slot of nginx's time cache (the ngx_timeofday() macro reads it the same way).
+    let (req, now) = unsafe {
+        (
+            &*r,
+            &*std::ptr::read_volatile(std::ptr::addr_of!(ngx_cached_time)).cast::<ngx_time_t>(),
+        )
+    };
+    // SAFETY: the pool lives as long as the request; MAX_LEN bytes, no alignment needed.
+    let out = unsafe {
+        ngx_pnalloc(req.pool, MAX_LEN)
+            .cast::<[u8; MAX_LEN]>()
+            .as_mut()?
+    };
+    // SAFETY: every request has its connection.
+    let sent = || unsafe { (*req.connection).sent };
+    let len = match var {
+        LogVar::Msec => log_vars::format_seconds_millis(now.sec, now.msec as u64, out),
+        LogVar::RequestTime => {
+            let ms = log_vars::request_millis(
+                now.sec,
+                now.msec as u64,
+                req.start_sec,
+                req.start_msec as u64,
+            );
+            log_vars::format_seconds_millis((ms / 1000) as i64, ms % 1000, out)
+        }
+        LogVar::Status => {
+            let status = if req.err_status != 0 {
+                req.err_status
+            } else if req.headers_out.status != 0 {
+                req.headers_out.status
+            } else if req.http_version == ngx::ffi::NGX_HTTP_VERSION_9 as ngx_uint_t {
+                9
+            } else {
+                0
+            };
+            log_vars::format_status(status as u64, out)
+        }
+        LogVar::BytesSent => log_vars::format_int(sent(), out),
+        LogVar::BodyBytesSent => {
+            log_vars::format_int((sent() - req.header_size as i64).max(0), out)
+        }
+        LogVar::RequestLength => log_vars::format_int(req.request_length, out),
+    };
+    Some(&out[..len])
 }
 
 /// The bytes nginx points at.

@@ -227,30 +227,6 @@ pub enum ValueSpec {
     Complex(Vec<String>),
 }
 
-/// The variables nginx's log module computes itself whenever it writes a line (its own
-/// `ngx_http_log_vars`), whatever the request's variable cache holds: `$body_bytes_sent`
-/// read by an `add_header` is cached as 0, yet access_log writes the bytes sent.
-const COMPUTED_AT_LOG_TIME: [&str; 9] = [
-    "pipe",
-    "time_local",
-    "time_iso8601",
-    "msec",
-    "request_time",
-    "status",
-    "bytes_sent",
-    "body_bytes_sent",
-    "request_length",
-];
-
-/// Whether access_log computes variable `name` afresh when it writes (nginx variable names
-/// are case-insensitive). The module drops such a variable's cached value before reading a
-/// record, as it flushes every non-cacheable one.
-pub fn computed_at_log_time(name: &str) -> bool {
-    COMPUTED_AT_LOG_TIME
-        .iter()
-        .any(|v| v.eq_ignore_ascii_case(name))
-}
-
 fn is_var_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
@@ -433,14 +409,6 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
-    }
-
-    #[test]
-    fn log_time_variables() {
-        assert!(computed_at_log_time("body_bytes_sent"));
-        assert!(computed_at_log_time("Status"));
-        assert!(!computed_at_log_time("arg_status"));
-        assert!(!computed_at_log_time("upstream_response_time"));
     }
 
     #[test]
