@@ -1,12 +1,14 @@
 //! The nginx module in a real nginx (2 workers, loopback): every request becomes exactly one
 //! spool record (checked against a stock access_log), field values are what access_log
 //! writes for the same request even when something read them earlier (`add_header`,
-//! subrequests), bad configurations fail `nginx -t`
-//! naming the directive, reloads and a killed worker lose nothing they should not, odd
-//! values are recorded faithfully or cut by the documented rule, a full queue or a spool
-//! that cannot take writes costs events (counted, marked) but never a request, a frozen
-//! disk stalls neither requests nor reloads, and `logtally_status` is valid Prometheus text
-//! with the right numbers.
+//! subrequests, upstream failover), internal redirects record the final location, bad
+//! configurations fail `nginx -t` naming the directive, reloads and a killed worker lose
+//! nothing they should not, odd values are recorded faithfully or cut by the documented
+//! rule, a full queue (in records or bytes) or a spool that cannot take writes costs events
+//! (counted, marked) but never a request, a frozen disk stalls neither requests nor reloads
+//! and holds a worker to its byte queue, the spool folder has the documented owner and
+//! mode, and `logtally_status` is valid Prometheus text with the right numbers (and never
+//! an event itself).
 //!
 //! Needs the module built first (`scripts/nginx-build.sh module`, or `vendored` with
 //! `LOGTALLY_NGINX_ROUTE=vendored`); see `logtally_e2e::nginx`. Runs as root for the tmpfs,
