@@ -1422,6 +1422,15 @@ fn upstream_variables_of_a_proxied_location_are_recorded_as_access_log_writes_th
 
 #[test]
 fn subrequests_are_recorded_with_log_subrequest_and_leave_the_main_status_alone() {
+    let build = logtally_e2e::nginx::NginxBuild::from_env();
+    let flags = Command::new(&build.nginx).arg("-V").output().unwrap();
+    if !String::from_utf8_lossy(&flags.stderr).contains("--with-http_auth_request_module") {
+        eprintln!(
+            "NOT RUN: {} has no auth_request module (Debian's has)",
+            build.nginx.display()
+        );
+        return;
+    }
     let pairs = [("uri", "$uri"), ("st", "$status"), ("text", "st=$status")];
     let conf = compared_conf(
         &pairs,
@@ -1580,4 +1589,37 @@ fn the_spool_folder_is_the_worker_users_with_group_access_as_documented() {
             "segment (premade: {premade}): mode, owner, group (the folder's: setgid)"
         );
     }
+}
+
+#[test]
+fn ssi_subrequests_are_recorded_with_log_subrequest_each_with_its_own_status() {
+    let pairs = [("uri", "$uri"), ("st", "$status"), ("text", "st=$status")];
+    let conf = compared_conf(
+        &pairs,
+        "",
+        r#"log_subrequest on;
+            location /page { ssi on; default_type text/html; root @DIR@/www; }
+            location = /part { internal; return 202 "part"; }"#,
+    );
+    let mut n = TestNginx::start_with(&conf, 1, |dir| {
+        std::fs::create_dir_all(dir.join("www")).unwrap();
+        std::fs::write(
+            dir.join("www/page"),
+            b"a<!--# include virtual=\"/part\" -->b",
+        )
+        .unwrap();
+    });
+    // (The answer is chunked, which the test client does not read: the events below show
+    // the include ran.)
+    let r = HttpClient::one_shot(n.addr()).get(b"/page", &[]).unwrap();
+    assert_eq!(r.status, 200);
+    let rows = events_against_access_log(&mut n, &pairs);
+    let got: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| (r["uri"].as_str(), r["st"].as_str(), r["text"].as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [("/part", "202", "st=202"), ("/page", "200", "st=200")]
+    );
 }
