@@ -23,6 +23,7 @@
 #        NGINX=/usr/sbin/nginx MODULE=target/release/libngx_http_logtally_module.so
 #        BASELINE_MODULE=<another build of the module .so> (adds the "baseline" configuration)
 #        MEASURE=time|instructions
+#        CONFIGS="none logtally json" (a subset, in this order; default: all)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,6 +56,12 @@ if [[ -n "$BASELINE_MODULE" ]]; then
     [[ -f "$BASELINE_MODULE" ]] || { echo "no module at $BASELINE_MODULE" >&2; exit 1; }
     configs+=(baseline)
 fi
+if [[ -n "${CONFIGS:-}" ]]; then
+    read -r -a configs <<<"$CONFIGS"
+fi
+# The ratios below are to these two.
+[[ " ${configs[*]} " == *" none "* && " ${configs[*]} " == *" json "* ]] \
+    || { echo "CONFIGS must include none and json" >&2; exit 1; }
 
 command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
 [[ -f "$MODULE" ]] || { echo "no module at $MODULE: run scripts/nginx-build.sh module" >&2; exit 1; }
