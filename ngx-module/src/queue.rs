@@ -8,9 +8,11 @@
 //!
 //! The bound counts both buffers (the one filling and the one the writer is still
 //! writing), in bytes or in records ([`Bound`]). Their capacity can outlast a burst by one
-//! round (about twice the bound in all) before [`Batch::clear`] gives it back. An event that does not fit is dropped,
-//! counted in the buffer it would have joined, and reported by the writer with that
-//! buffer (a drop marker after its events), so drop counts stay exact.
+//! round (about twice the bound in all) before [`Batch::clear`] gives it back.
+//!
+//! An event that does not fit is dropped, counted in the buffer it would have joined, and
+//! reported by the writer with that buffer (a drop marker after its events), so drop
+//! counts stay exact.
 
 use std::sync::{Mutex, MutexGuard};
 
