@@ -5,14 +5,25 @@
 #   logtally   the logtally module, 5 fields
 #   combined   access_log in the combined format, unbuffered (nginx's default)
 #   json       access_log, JSON format, buffer=64k flush=1s
+#   baseline   (only with BASELINE_MODULE=<.so>) the logtally configuration with another
+#              build of the module, e.g. the one before a change: before/after in one run
 # Prints per-round numbers, then medians, the ratio to "none", and the worker's CPU time per
 # request (from /proc: utime+stime of the worker process, its writer thread included).
+#
+# MEASURE=instructions instead runs each configuration once, in one nginx process under
+# valgrind's callgrind, and prints the user-space instructions it executed per request
+# (writer thread included; the kernel's share, the same TCP work for all, is not counted):
+# a count that other load on the machine cannot change, where time per request can swing
+# by a third on a busy box.
 #
 # Usage: bench/nginx-wrk.sh            (needs the Route A module: scripts/nginx-build.sh module)
 # With 2+ CPUs the worker is pinned to CPU 1 and wrk to CPU 0 (PIN=0 turns that off), so the
 # worker, not wrk, is what saturates.
 # Env:   ROUNDS=5 DURATION=5 CONNECTIONS=32 THREADS=1 PORT=18090 PIN=1
 #        NGINX=/usr/sbin/nginx MODULE=target/release/libngx_http_logtally_module.so
+#        BASELINE_MODULE=<another build of the module .so> (adds the "baseline" configuration)
+#        MEASURE=time|instructions
+#        CONFIGS="none logtally json" (a subset, in this order; default: all)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +42,26 @@ fi
 PORT="${PORT:-18090}"
 NGINX="${NGINX:-/usr/sbin/nginx}"
 MODULE="${MODULE:-$root/target/release/libngx_http_logtally_module.so}"
+BASELINE_MODULE="${BASELINE_MODULE:-}"
+MEASURE="${MEASURE:-time}"
+processes="worker_processes 1;"
+if [[ "$MEASURE" == instructions ]]; then
+    command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
+    # valgrind follows one process: the single-process mode (init_process runs there too).
+    processes="master_process off;"
+    affinity=""
+fi
 configs=(none logtally combined json)
+if [[ -n "$BASELINE_MODULE" ]]; then
+    [[ -f "$BASELINE_MODULE" ]] || { echo "no module at $BASELINE_MODULE" >&2; exit 1; }
+    configs+=(baseline)
+fi
+if [[ -n "${CONFIGS:-}" ]]; then
+    read -r -a configs <<<"$CONFIGS"
+fi
+# The ratios below are to these two.
+[[ " ${configs[*]} " == *" none "* && " ${configs[*]} " == *" json "* ]] \
+    || { echo "CONFIGS must include none and json" >&2; exit 1; }
 
 command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
 [[ -f "$MODULE" ]] || { echo "no module at $MODULE: run scripts/nginx-build.sh module" >&2; exit 1; }
@@ -50,7 +80,7 @@ http_block() {
     local name=$1 dir=$2
     case "$name" in
         none) echo "access_log off;" ;;
-        logtally) cat <<CONF
+        logtally | baseline) cat <<CONF
 access_log off;
 logtally_spool $dir/spool;
 logtally on;
@@ -78,9 +108,11 @@ for name in "${configs[@]}"; do
     mkdir -p "$dir/tmp"
     port=$((PORT + i))
     port_of[$name]=$port
+    module=$MODULE
+    [[ "$name" == baseline ]] && module=$BASELINE_MODULE
     cat >"$dir/nginx.conf" <<CONF
-load_module $MODULE;
-worker_processes 1;
+load_module $module;
+$processes
 $affinity
 daemon off;
 error_log $dir/error.log notice;
@@ -101,15 +133,56 @@ http {
     }
 }
 CONF
-    "$NGINX" -p "$dir" -c "$dir/nginx.conf" &
-    pids+=($!)
+    if [[ "$MEASURE" != instructions ]]; then
+        "$NGINX" -p "$dir" -c "$dir/nginx.conf" &
+        pids+=($!)
+    fi
     i=$((i + 1))
 done
-for name in "${configs[@]}"; do
-    for _ in $(seq 100); do
-        curl -fs -o /dev/null "http://127.0.0.1:${port_of[$name]}/" && break
+
+url_path='/e?ad=7&ev=view&cmp=spring'
+wait_ready() {
+    for _ in $(seq 600); do
+        curl -fs -o /dev/null "http://127.0.0.1:$1/" && return 0
         sleep 0.05
     done
+    echo "nginx on port $1 did not answer" >&2
+    exit 1
+}
+
+if [[ "$MEASURE" == instructions ]]; then
+    declare -A ir_per
+    echo "user-space instructions per request (callgrind), duration=${DURATION}s connections=$CONNECTIONS"
+    for name in "${configs[@]}"; do
+        dir="$work/$name"
+        valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
+            "$NGINX" -p "$dir" -c "$dir/nginx.conf" >"$dir/valgrind.log" 2>&1 &
+        vg=$!
+        pids+=("$vg")
+        wait_ready "${port_of[$name]}"
+        # Count only the requests below: not start-up, configuration or the first request.
+        callgrind_control -z "$vg" >/dev/null 2>&1
+        out=$("${wrk_cmd[@]}" -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -H 'User-Agent: logtally-bench/1.0' \
+            "http://127.0.0.1:${port_of[$name]}$url_path")
+        callgrind_control -d "$vg" >/dev/null 2>&1
+        kill -QUIT "$vg"
+        wait "$vg" || true
+        reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+        ir=$(awk '/^summary:/ {print $2}' "$dir"/callgrind.out.1)
+        ir_per[$name]=$((ir / reqs))
+        printf '%-10s %10s requests %14s instructions %8s per request\n' "$name" "$reqs" "$ir" "${ir_per[$name]}"
+    done
+    echo
+    printf '%-10s %16s %12s %12s\n' config "instr/request" "- none" "vs json"
+    for name in "${configs[@]}"; do
+        printf '%-10s %16s %12s %12.3f\n' "$name" "${ir_per[$name]}" "$((ir_per[$name] - ir_per[none]))" \
+            "$(awk -v a="$((ir_per[$name] - ir_per[none]))" -v b="$((ir_per[json] - ir_per[none]))" 'BEGIN {print (b ? a / b : 0)}')"
+    done
+    exit 0
+fi
+
+for name in "${configs[@]}"; do
+    wait_ready "${port_of[$name]}"
     master=$(cat "$work/$name/nginx.pid")
     worker_of[$name]=$(pgrep -P "$master" | head -n1)
 done
@@ -117,8 +190,7 @@ done
 clk=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-url_path='/e?ad=7&ev=view&cmp=spring'
-declare -A rps_list cpu_list
+declare -A rps_list cpu_list rps_of cpu_of rps_vs_json cpu_vs_json
 echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS wrk_threads=$THREADS pinned=$PIN nginx=$("$NGINX" -v 2>&1 | sed 's,.*/,,')"
 printf '%-6s %-10s %12s %14s\n' round config req/s "worker_us/req"
 for round in $(seq "$ROUNDS"); do
@@ -133,7 +205,15 @@ for round in $(seq "$ROUNDS"); do
         us=$(awk -v d=$((after - before)) -v c="$clk" -v n="$reqs" 'BEGIN { printf "%.2f", d / c * 1e6 / n }')
         rps_list[$name]+="$rps "
         cpu_list[$name]+="$us "
+        rps_of[$name]=$rps
+        cpu_of[$name]=$us
         printf '%-6s %-10s %12.0f %14s\n' "$round" "$name" "$rps" "$us"
+    done
+    # Per-round ratios to the buffered JSON access_log: the round's neighbours share its noise.
+    for name in logtally baseline; do
+        [[ -n "${rps_of[$name]:-}" ]] || continue
+        rps_vs_json[$name]+="$(awk -v a="${rps_of[$name]}" -v b="${rps_of[json]}" 'BEGIN {print a / b}') "
+        cpu_vs_json[$name]+="$(awk -v a="${cpu_of[$name]}" -v b="${cpu_of[json]}" 'BEGIN {print a / b}') "
     done
 done
 
@@ -147,11 +227,21 @@ for name in "${configs[@]}"; do
         logtally) label="logtally, 5 fields" ;;
         combined) label="access_log combined, unbuffered" ;;
         json) label="access_log json, buffer=64k" ;;
+        baseline) label="logtally, BASELINE_MODULE" ;;
     esac
     m=$(median <<<"${rps_list[$name]}")
     c=$(median <<<"${cpu_list[$name]}")
     printf '%-34s %12.0f %8.3f %14s\n' "$label" "$m" "$(awk -v a="$m" -v b="$base" 'BEGIN {print a / b}')" "$c"
 done
 echo
-status=$(curl -fs "http://127.0.0.1:${port_of[logtally]}/status")
-echo "logtally: $(grep -E '^logtally_module_(events|dropped)_total' <<<"$status" | tr '\n' ' ')"
+printf '%-34s %16s %16s\n' "vs json access_log (median of rounds)" "req/s ratio" "worker_us ratio"
+for name in logtally baseline; do
+    [[ -n "${rps_vs_json[$name]:-}" ]] || continue
+    printf '%-34s %16.3f %16.3f\n' "$name" "$(median <<<"${rps_vs_json[$name]}")" "$(median <<<"${cpu_vs_json[$name]}")"
+done
+echo
+for name in logtally baseline; do
+    [[ -n "${port_of[$name]:-}" ]] || continue
+    status=$(curl -fs "http://127.0.0.1:${port_of[$name]}/status")
+    echo "$name: $(grep -E '^logtally_module_(events|dropped)_total' <<<"$status" | tr '\n' ' ')"
+done

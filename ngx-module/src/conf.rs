@@ -1,4 +1,4 @@
-//! The directives (`logtally_spool`, `logtally`, `logtally_field`, `logtally_status`), the
+//! The configuration directives (`logtally_spool`, `logtally`, `logtally_field`), the
 //! configuration they build, merging down the levels, and the whole-configuration checks
 //! that run in `postconfiguration`. Errors are typed; they become nginx messages (naming the
 //! directive, file and line) only at the FFI edge, in [`conf_error`].
@@ -16,9 +16,13 @@ use ngx::ffi::{
     ngx_path_t, ngx_pcalloc, ngx_shm_zone_t, ngx_str_t, ngx_uint_t, NGX_CONF_UNSET, NGX_ERROR,
     NGX_OK,
 };
-use ngx::http::{HttpModuleLocationConf, HttpModuleMainConf, Merge, MergeConfigError};
+use ngx::http::{HttpModuleMainConf, Merge, MergeConfigError};
 
+use logtally_spool::SegmentWriterConfig;
+
+use crate::log_vars::{self, LogVar};
 use crate::options::{self, OptionError, SpoolOptions, ValueSpec};
+use crate::writer::WriterConfig;
 use crate::Module;
 
 /// `http`-level configuration: the spool and everything the whole configuration declares.
@@ -30,6 +34,10 @@ pub struct MainConf {
     pub fields: Vec<String>,
     /// Variables that `logtally_field` values use, checked once all are declared.
     pub variables: Vec<VariableUse>,
+    /// Indexes of the variables complex values use that nginx's log module computes afresh
+    /// when it writes a line ([`log_vars::computed_at_log_time`]): their cached values are
+    /// dropped before each record is read, so a value read earlier cannot linger.
+    pub recomputed: Vec<ngx_uint_t>,
     /// Where the first `logtally on` is (`file:line`), if any level switches logging on.
     pub enabled_at: Option<String>,
     /// Whether some location serves `logtally_status`.
@@ -44,10 +52,30 @@ impl Default for MainConf {
             spool: None,
             fields: Vec::new(),
             variables: Vec::new(),
+            recomputed: Vec::new(),
             enabled_at: None,
             status: false,
             zone: ptr::null_mut(),
         }
+    }
+}
+
+impl MainConf {
+    /// How this configuration's writer threads write; `None` without `logtally_spool`.
+    pub fn writer_config(&self) -> Option<WriterConfig> {
+        let spool = self.spool.as_ref()?;
+        Some(WriterConfig {
+            segments: SegmentWriterConfig {
+                dir: spool.dir.clone(),
+                fields: self.fields.clone(),
+                segment_size: spool.options.segment_size,
+                pid: std::process::id(),
+                fsync: spool.options.fsync.is_some(),
+            },
+            flush: spool.options.flush,
+            fsync_every: spool.options.fsync,
+            queue: spool.options.queue,
+        })
     }
 }
 
@@ -71,6 +99,8 @@ pub struct VariableUse {
 pub enum Source {
     /// One variable, by index: not found is recorded as absent.
     Variable(ngx_uint_t),
+    /// One of the variables access_log computes itself, computed the same way.
+    LogVar(LogVar),
     /// An nginx complex value, compiled into the configuration pool.
     Complex(*mut ngx_http_complex_value_t),
 }
@@ -91,6 +121,9 @@ pub struct LocConf {
     pub enable: ngx_flag_t,
     /// This level's fields sorted by slot; `None` inherits the enclosing level's list.
     pub fields: Option<Vec<Field>>,
+    /// Whether this location serves `logtally_status` (never inherited): its requests are
+    /// never recorded, so scrapes do not become events.
+    pub status: bool,
 }
 
 impl Default for LocConf {
@@ -98,6 +131,7 @@ impl Default for LocConf {
         LocConf {
             enable: NGX_CONF_UNSET as ngx_flag_t,
             fields: None,
+            status: false,
         }
     }
 }
@@ -199,9 +233,11 @@ pub unsafe extern "C" fn cmd_spool(
 ) -> *mut c_char {
     // SAFETY: nginx passes the http main conf of this module (NGX_HTTP_MAIN_CONF_OFFSET).
     let main = unsafe { &mut *conf.cast::<MainConf>() };
-    // SAFETY: cf/cmd are the handler's arguments.
-    match unsafe { spool(cf, main) } {
+    // SAFETY: cf is the handler's argument.
+    let result = unsafe { spool(cf, main) };
+    match result {
         Ok(()) => NGX_CONF_OK,
+        // SAFETY: cf/cmd are the handler's arguments.
         Err(e) => unsafe { conf_error(cf, cmd, &e) },
     }
 }
@@ -250,6 +286,23 @@ unsafe fn spool(cf: *mut ngx_conf_t, main: &mut MainConf) -> Result<(), ConfErro
     Ok(())
 }
 
+/// The index of variable `name` (nginx's, for `ngx_http_get_indexed_variable`).
+///
+/// # Safety
+/// `cf` must be the context nginx passed to a directive handler.
+unsafe fn variable_index(cf: *mut ngx_conf_t, name: &str) -> Result<ngx_uint_t, ConfError> {
+    let mut s = ngx_str_t {
+        len: name.len(),
+        data: name.as_ptr().cast_mut(),
+    };
+    // SAFETY: nginx copies the name into its pool; `s` only needs to live for the call.
+    let index = unsafe { ngx_http_get_variable_index(cf, &mut s) };
+    if index == NGX_ERROR as ngx_int_t {
+        return Err(ConfError::Variable(name.to_string()));
+    }
+    Ok(index as ngx_uint_t)
+}
+
 /// `logtally_field <name> <value>;`
 ///
 /// # Safety
@@ -261,9 +314,11 @@ pub unsafe extern "C" fn cmd_field(
 ) -> *mut c_char {
     // SAFETY: nginx passes this module's location conf (NGX_HTTP_LOC_CONF_OFFSET).
     let loc = unsafe { &mut *conf.cast::<LocConf>() };
-    // SAFETY: cf/cmd are the handler's arguments.
-    match unsafe { field(cf, loc) } {
+    // SAFETY: cf is the handler's argument.
+    let result = unsafe { field(cf, loc) };
+    match result {
         Ok(()) => NGX_CONF_OK,
+        // SAFETY: cf/cmd are the handler's arguments.
         Err(e) => unsafe { conf_error(cf, cmd, &e) },
     }
 }
@@ -294,18 +349,11 @@ unsafe fn field(cf: *mut ngx_conf_t, loc: &mut LocConf) -> Result<(), ConfError>
     // SAFETY: called from a directive handler.
     let at = unsafe { position(cf) };
     let source = match &spec {
-        ValueSpec::Variable(var) => {
-            let mut s = ngx_str_t {
-                len: var.len(),
-                data: var.as_ptr().cast_mut(),
-            };
-            // SAFETY: nginx copies the name into its pool; `s` only needs to live for the call.
-            let index = unsafe { ngx_http_get_variable_index(cf, &mut s) };
-            if index == NGX_ERROR as ngx_int_t {
-                return Err(ConfError::Variable(var.clone()));
-            }
-            Source::Variable(index as ngx_uint_t)
-        }
+        ValueSpec::Variable(var) => match LogVar::from_name(var) {
+            Some(v) => Source::LogVar(v),
+            // SAFETY: called from a directive handler.
+            None => Source::Variable(unsafe { variable_index(cf, var) }?),
+        },
         ValueSpec::Complex(_) => {
             // SAFETY: the complex value is allocated in the configuration pool and filled
             // in by nginx's script compiler from the directive's own argument.
@@ -333,6 +381,17 @@ unsafe fn field(cf: *mut ngx_conf_t, loc: &mut LocConf) -> Result<(), ConfError>
         ValueSpec::Variable(v) => vec![v],
         ValueSpec::Complex(vs) => vs,
     };
+    let complex = matches!(source, Source::Complex(_));
+    for name in names
+        .iter()
+        .filter(|n| complex && log_vars::computed_at_log_time(n))
+    {
+        // SAFETY: called from a directive handler.
+        let index = unsafe { variable_index(cf, name) }?;
+        if !main.recomputed.contains(&index) {
+            main.recomputed.push(index);
+        }
+    }
     main.variables
         .extend(names.into_iter().map(|name| VariableUse {
             name,
@@ -341,28 +400,6 @@ unsafe fn field(cf: *mut ngx_conf_t, loc: &mut LocConf) -> Result<(), ConfError>
     let at_slot = fields.partition_point(|f| f.slot < slot);
     fields.insert(at_slot, Field { slot, source });
     Ok(())
-}
-
-/// `logtally_status;`
-///
-/// # Safety
-/// Only nginx calls this, as a directive handler, with its live configuration context.
-pub unsafe extern "C" fn cmd_status(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    _conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: cf is an http location context; the core location conf exists there.
-    unsafe {
-        let Some(clcf) = ngx::http::NgxHttpCoreModule::location_conf_mut(&*cf) else {
-            return NGX_CONF_ERROR;
-        };
-        clcf.handler = Some(crate::handler::status_handler);
-        if let Some(main) = Module::main_conf_mut(&*cf) {
-            main.status = true;
-        }
-    }
-    NGX_CONF_OK
 }
 
 /// Runs after `ngx_conf_set_flag_slot` stored `logtally on|off`: remembers where logging

@@ -5,12 +5,20 @@ use std::time::Duration;
 
 use logtally_spool::{MAX_FIELDS, MAX_FIELD_NAME_LEN};
 
+use crate::queue::Bound;
+
 /// Smallest `segment_size`: a segment must hold its header and at least a few records.
 pub const MIN_SEGMENT_SIZE: u64 = 4096;
 /// Largest `segment_size` (offsets stay far from any 32-bit limit a reader might have).
 pub const MAX_SEGMENT_SIZE: u64 = 1 << 40;
-/// Largest `queue`: each slot may hold a record, so this bounds a worker's memory.
-pub const MAX_QUEUE: usize = 1 << 24;
+/// Largest `queue` given as a number of records.
+pub const MAX_QUEUE_RECORDS: usize = 1 << 24;
+/// Smallest and largest `queue` given as a size (a record bigger than the bound is always
+/// dropped, so small values suit tests more than production).
+pub const MIN_QUEUE_BYTES: u64 = 1 << 10;
+pub const MAX_QUEUE_BYTES: u64 = 1 << 30;
+/// The default `queue`: what one worker may hold while the disk does not take writes.
+pub const DEFAULT_QUEUE: Bound = Bound::Bytes(64 << 20);
 /// Longest `flush` interval; events older than this are not "real time" any more.
 pub const MAX_FLUSH: Duration = Duration::from_secs(60);
 
@@ -21,8 +29,8 @@ pub struct SpoolOptions {
     pub segment_size: u64,
     /// How long the writer thread sleeps between batches.
     pub flush: Duration,
-    /// Capacity of the channel between the request path and the writer, in records.
-    pub queue: usize,
+    /// What one worker may hold in memory, waiting for the writer (both of its buffers).
+    pub queue: Bound,
     /// How often the open segment is fdatasync'ed; `None` for `fsync=off`.
     pub fsync: Option<Duration>,
 }
@@ -32,7 +40,7 @@ impl Default for SpoolOptions {
         SpoolOptions {
             segment_size: 64 << 20,
             flush: Duration::from_millis(100),
-            queue: 65536,
+            queue: DEFAULT_QUEUE,
             fsync: Some(Duration::from_secs(1)),
         }
     }
@@ -59,12 +67,8 @@ pub enum OptionError {
         value: String,
         range: &'static str,
     },
-    #[error("invalid number \"{value}\" for {key} (1 to {max})")]
-    Number {
-        key: &'static str,
-        value: String,
-        max: usize,
-    },
+    #[error("invalid queue \"{0}\" (a size with a k, m or g suffix, 1k to 1g, or a number of records, 1 to {MAX_QUEUE_RECORDS})")]
+    Queue(String),
     #[error("invalid field name \"{0}\": 1 to {MAX_FIELD_NAME_LEN} characters of [A-Za-z0-9_], not starting with a digit")]
     FieldName(String),
     #[error("too many fields: at most {MAX_FIELDS} names across the whole configuration")]
@@ -128,6 +132,18 @@ pub fn parse_time(s: &[u8]) -> Option<Duration> {
     Some(Duration::from_millis(total_ms))
 }
 
+/// Parses `queue=`: a size (`64m`: bytes) or a bare number (records).
+fn parse_queue(value: &[u8]) -> Option<Bound> {
+    if value.iter().all(u8::is_ascii_digit) {
+        let n = usize::try_from(parse_u64(value)?).ok()?;
+        return (1..=MAX_QUEUE_RECORDS)
+            .contains(&n)
+            .then_some(Bound::Records(n));
+    }
+    let n = parse_size(value).filter(|n| (MIN_QUEUE_BYTES..=MAX_QUEUE_BYTES).contains(n))?;
+    Some(Bound::Bytes(usize::try_from(n).ok()?))
+}
+
 /// Parses the `key=value` options that follow the folder in `logtally_spool`.
 pub fn parse_spool_options<'a, I>(args: I) -> Result<SpoolOptions, OptionError>
 where
@@ -169,16 +185,7 @@ where
                         range: "1ms to 60s",
                     })?;
             }
-            2 => {
-                opts.queue = parse_u64(value)
-                    .and_then(|n| usize::try_from(n).ok())
-                    .filter(|n| (1..=MAX_QUEUE).contains(n))
-                    .ok_or_else(|| OptionError::Number {
-                        key: name,
-                        value: lossy(value),
-                        max: MAX_QUEUE,
-                    })?;
-            }
+            2 => opts.queue = parse_queue(value).ok_or_else(|| OptionError::Queue(lossy(value)))?,
             _ => {
                 opts.fsync = if value == b"off" {
                     None
@@ -320,7 +327,14 @@ mod tests {
         let o = opts(&["segment_size=1m", "flush=20ms", "queue=10", "fsync=off"]).unwrap();
         assert_eq!(o.segment_size, 1 << 20);
         assert_eq!(o.flush, Duration::from_millis(20));
-        assert_eq!(o.queue, 10);
+        assert_eq!(o.queue, Bound::Records(10));
+        assert_eq!(opts(&["queue=64m"]).unwrap().queue, Bound::Bytes(64 << 20));
+        assert_eq!(opts(&["queue=4K"]).unwrap().queue, Bound::Bytes(4096));
+        assert_eq!(opts(&["queue=1g"]).unwrap().queue, Bound::Bytes(1 << 30));
+        assert_eq!(
+            opts(&["queue=16777216"]).unwrap().queue,
+            Bound::Records(1 << 24)
+        );
         assert_eq!(o.fsync, None);
         assert_eq!(
             opts(&["fsync=5s"]).unwrap().fsync,
@@ -348,14 +362,26 @@ mod tests {
         ));
         assert!(matches!(opts(&["flush=2m"]), Err(OptionError::Time { .. })));
         assert!(matches!(opts(&["fsync=0"]), Err(OptionError::Time { .. })));
-        assert!(matches!(
-            opts(&["queue=0"]),
-            Err(OptionError::Number { .. })
-        ));
-        assert!(matches!(
-            opts(&["queue=-5"]),
-            Err(OptionError::Number { .. })
-        ));
+        for bad in [
+            "queue=0",
+            "queue=-5",
+            "queue=16777217",
+            "queue=0k",
+            "queue=1023b",
+            "queue=2g",
+            "queue=64mb",
+            "queue=",
+            "queue=lots",
+        ] {
+            let bad_value = &bad["queue=".len()..];
+            assert_eq!(
+                opts(&[bad]),
+                Err(OptionError::Queue(bad_value.into())),
+                "{bad}"
+            );
+        }
+        let msg = opts(&["queue=lots"]).unwrap_err().to_string();
+        assert!(msg.contains("queue") && msg.contains("lots"), "{msg}");
         assert!(matches!(
             opts(&["colour=red"]),
             Err(OptionError::Unknown(_))

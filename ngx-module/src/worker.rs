@@ -1,17 +1,17 @@
-//! Per-worker state: the request side of the channel (the "feeder") and the writer thread,
+//! Per-worker state: the request side of the queue (the "feeder") and the writer thread,
 //! started in `init_process` and stopped in `exit_process`.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam_channel::{Sender, TrySendError};
-use logtally_spool::{encode_event, SegmentWriterConfig};
-use ngx::ffi::{ngx_cycle_t, ngx_log_t, NGX_LOG_ALERT, NGX_LOG_ERR, NGX_LOG_NOTICE};
+use logtally_spool::encode_event;
+use ngx::ffi::{ngx_log_t, NGX_LOG_ALERT, NGX_LOG_ERR, NGX_LOG_NOTICE};
 
-use crate::conf::MainConf;
 use crate::counters::SharedCounters;
-use crate::writer::{self, Level, PendingDrops, WriterConfig, WriterHandle};
+use crate::queue::EventQueue;
+use crate::writer::{self, Level, WriterConfig, WriterHandle};
 
 /// How long `exit_process` waits for the writer to drain and seal. A write stuck on a
 /// stalled disk must not keep an old worker "shutting down" forever.
@@ -19,16 +19,16 @@ pub const STOP_LIMIT: Duration = Duration::from_secs(3);
 
 /// What the log-phase handler needs, per worker.
 pub struct Feeder {
-    tx: Sender<Vec<u8>>,
-    pending_drops: PendingDrops,
+    /// `None` when the writer thread could not start: every event is then a drop.
+    queue: Option<Arc<EventQueue>>,
     counters: &'static SharedCounters,
-    /// Reused encoding buffer: the request path encodes here, then sends an exact copy.
-    scratch: Vec<u8>,
 }
 
-/// Only the worker's main thread touches this (request handlers and the lifecycle hooks);
-/// the mutex is never contended and costs an uncontended lock per request.
-static FEEDER: Mutex<Option<Feeder>> = Mutex::new(None);
+thread_local! {
+    /// Set on the worker's main thread, the one thread that runs request handlers and the
+    /// lifecycle hooks: no lock on the request path (the queue has its own).
+    static FEEDER: RefCell<Option<Feeder>> = const { RefCell::new(None) };
+}
 static WRITER: Mutex<Option<WriterHandle>> = Mutex::new(None);
 
 /// Set when `exit_process` gives up on a stuck writer: nginx is about to free the cycle
@@ -55,75 +55,48 @@ impl CycleLog {
     }
 }
 
-/// Encodes one event and hands it to the writer without ever blocking.
+/// Encodes one event into the worker's queue, never waiting for the disk.
 ///
 /// `values` yields one value per header field. Returns silently when this process has no
 /// writer (not a worker, or logging is off everywhere).
 pub fn submit<'v>(time_ms: u64, values: impl IntoIterator<Item = Option<&'v [u8]>>) {
-    let Ok(mut guard) = FEEDER.lock() else { return };
-    let Some(f) = guard.as_mut() else { return };
-    f.scratch.clear();
-    let encoded = encode_event(&mut f.scratch, time_ms, values);
-    SharedCounters::add(&f.counters.truncated, u64::from(encoded.truncated));
-    match f.tx.try_send(f.scratch.clone()) {
-        Ok(()) => {}
-        // The writer reports these (counter and drop marker) on its next wake.
-        Err(TrySendError::Full(_)) => {
-            f.pending_drops.fetch_add(1, Ordering::Relaxed);
+    FEEDER.with_borrow(|feeder| {
+        let Some(f) = feeder else { return };
+        let Some(queue) = &f.queue else {
+            // No writer thread: nothing will ever write a marker for it.
+            SharedCounters::add(&f.counters.dropped, 1);
+            return;
+        };
+        // A full queue counts the drop itself; the writer reports it (counter, marker).
+        if let Some(encoded) = queue.push(|out| encode_event(out, time_ms, values)) {
+            SharedCounters::add(&f.counters.truncated, u64::from(encoded.truncated));
         }
-        // No writer thread (it could not start): nothing will ever write a marker.
-        Err(TrySendError::Disconnected(_)) => SharedCounters::add(&f.counters.dropped, 1),
-    }
+    });
 }
 
-/// Starts this worker's writer thread.
+/// Starts this worker's writer thread, writing as `config` says and counting into
+/// `counters` (the shared zone).
 ///
 /// # Safety
-/// `cycle` must be the worker's cycle; call from `init_process` on the main thread.
-pub unsafe fn start(cycle: *mut ngx_cycle_t, main: &MainConf) {
-    let Some(spool) = &main.spool else { return };
-    // SAFETY: the zone was initialised by the master before fork; its data points at the
-    // SharedCounters in shared memory, mapped for the worker's whole life.
-    let counters: &'static SharedCounters = unsafe {
-        match main
-            .zone
-            .as_ref()
-            .and_then(|z| z.data.cast::<SharedCounters>().as_ref())
-        {
-            Some(c) => c,
-            None => return,
-        }
-    };
-    // SAFETY: cycle is the live worker cycle.
-    let log = unsafe { (*cycle).log };
-    let (tx, rx) = crossbeam_channel::bounded(spool.options.queue);
-    let pending_drops = PendingDrops::default();
-    let config = WriterConfig {
-        segments: SegmentWriterConfig {
-            dir: spool.dir.clone(),
-            fields: main.fields.clone(),
-            segment_size: spool.options.segment_size,
-            pid: std::process::id(),
-            fsync: spool.options.fsync.is_some(),
-        },
-        flush: spool.options.flush,
-        fsync_every: spool.options.fsync,
-    };
+/// Call from `init_process` on the worker's main thread; `log` must be the cycle's log,
+/// alive as long as the worker.
+pub unsafe fn start(log: *mut ngx_log_t, counters: &'static SharedCounters, config: WriterConfig) {
+    let queue = Arc::new(EventQueue::new(config.queue));
     let cycle_log = CycleLog(log);
     let handle = with_signals_blocked(|| {
         writer::spawn(
             config,
-            rx,
-            pending_drops.clone(),
+            queue.clone(),
             counters,
             Box::new(move |level, msg| cycle_log.write(level, msg)),
         )
     });
-    match handle {
+    let queue = match handle {
         Ok(h) => {
             if let Ok(mut w) = WRITER.lock() {
                 *w = Some(h);
             }
+            Some(queue)
         }
         Err(e) => {
             // Requests are still served; every event counts as dropped.
@@ -132,33 +105,23 @@ pub unsafe fn start(cycle: *mut ngx_cycle_t, main: &MainConf) {
                 log,
                 "logtally: cannot start the writer thread: {e}"
             );
+            None
         }
-    }
-    if let Ok(mut f) = FEEDER.lock() {
-        *f = Some(Feeder {
-            tx,
-            pending_drops,
-            counters,
-            scratch: Vec::with_capacity(1024),
-        });
-    }
+    };
+    FEEDER.set(Some(Feeder { queue, counters }));
 }
 
-/// Stops the writer: closes the channel, lets the thread drain, fsync and seal, and waits
-/// for it up to [`STOP_LIMIT`].
+/// Stops the writer: no more events are queued, the thread drains, fsyncs and seals, and
+/// this waits for it up to [`STOP_LIMIT`].
 ///
 /// # Safety
-/// `cycle` must be the worker's cycle; call from `exit_process`.
-pub unsafe fn stop(cycle: *mut ngx_cycle_t) {
-    if let Ok(mut f) = FEEDER.lock() {
-        f.take();
-    }
+/// Call from `exit_process`; `log` must be the cycle's log.
+pub unsafe fn stop(log: *mut ngx_log_t) {
+    FEEDER.take();
     let handle = WRITER.lock().ok().and_then(|mut w| w.take());
     if let Some(h) = handle {
         if !h.stop(STOP_LIMIT) {
             LOG_CLOSED.store(true, Ordering::Release);
-            // SAFETY: cycle is live during exit_process.
-            let log = unsafe { (*cycle).log };
             ngx::ngx_log_error!(
                 NGX_LOG_ALERT,
                 log,

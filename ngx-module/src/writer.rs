@@ -1,11 +1,11 @@
-//! The per-worker writer thread: takes encoded frames off the bounded channel, appends them
-//! to the spool in batches through `logtally_spool::SegmentWriter`, writes drop markers,
-//! fsyncs on its interval, and drains, seals and stops on request.
+//! The per-worker writer thread: every `flush` interval it takes the queue's active buffer
+//! ([`EventQueue::take`]), appends it to the spool through `logtally_spool::SegmentWriter`
+//! (with a drop marker for the events the queue refused), fsyncs on its interval, and
+//! drains, seals and stops on request.
 //!
 //! Plain Rust (std, crossbeam, spool): it knows nothing of nginx, so it is unit-tested
 //! without one. The nginx side hands it a logging callback.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -14,10 +14,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use logtally_spool::{encode_drop_marker, SegmentWriter, SegmentWriterConfig};
 
 use crate::counters::SharedCounters;
-
-/// A batch grows to at most this many bytes before it is written, even within one wake,
-/// so a deep queue never turns into one huge allocation.
-const MAX_BATCH: usize = 8 << 20;
+use crate::queue::{Batch, Bound, EventQueue};
 
 /// How the writer writes.
 #[derive(Debug, Clone)]
@@ -27,6 +24,8 @@ pub struct WriterConfig {
     pub flush: Duration,
     /// fdatasync interval of the open segment; `None` never syncs on a timer.
     pub fsync_every: Option<Duration>,
+    /// What the worker's queue may hold (both of its buffers).
+    pub queue: Bound,
 }
 
 /// Severity of a message the writer reports through its logging callback.
@@ -38,10 +37,6 @@ pub enum Level {
 
 /// Where the writer reports trouble (nginx's error log in the module).
 pub type LogFn = Box<dyn Fn(Level, &str) + Send>;
-
-/// The request side's view of pending drops: events the full queue refused, not yet
-/// reported by the writer.
-pub type PendingDrops = Arc<AtomicU64>;
 
 /// A running writer thread.
 #[derive(Debug)]
@@ -57,12 +52,11 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Starts the writer thread. The caller keeps the channel's sender and the pending-drops
-/// counter; dropping the sender and calling [`WriterHandle::stop`] ends the thread.
+/// Starts the writer thread, writing what the request path pushes into `queue`;
+/// [`WriterHandle::stop`] ends it (once nothing pushes any more).
 pub fn spawn(
     config: WriterConfig,
-    rx: Receiver<Vec<u8>>,
-    pending_drops: PendingDrops,
+    queue: Arc<EventQueue>,
     counters: &'static SharedCounters,
     log: LogFn,
 ) -> std::io::Result<WriterHandle> {
@@ -76,11 +70,10 @@ pub fn spawn(
             let mut w = Writer {
                 config,
                 segments,
-                rx,
-                pending_drops,
+                queue,
                 counters,
                 log,
-                batch: Vec::with_capacity(64 << 10),
+                batch: Batch::new(),
                 carried_drops: 0,
                 failing: false,
                 last_sync: Instant::now(),
@@ -114,11 +107,12 @@ impl WriterHandle {
 struct Writer {
     config: WriterConfig,
     segments: SegmentWriter,
-    rx: Receiver<Vec<u8>>,
-    pending_drops: PendingDrops,
+    queue: Arc<EventQueue>,
     counters: &'static SharedCounters,
     log: LogFn,
-    batch: Vec<u8>,
+    /// The buffer the writer holds: empty between wakes, swapped with the queue's active
+    /// one at each.
+    batch: Batch,
     /// Dropped events not yet recorded in the spool by a marker (the marker's write failed).
     carried_drops: u64,
     /// Whether the last write failed: errors are logged once per failure streak.
@@ -129,16 +123,15 @@ struct Writer {
 impl Writer {
     fn run(&mut self, stop_rx: &Receiver<()>) {
         loop {
-            // Sleeping rather than blocking on the data channel: a writer woken by every
-            // send costs the request path a context switch per event.
+            // Sleeping rather than waiting for events: a writer woken by every event costs
+            // the request path a context switch per event.
             let stopping = !matches!(
                 stop_rx.recv_timeout(self.config.flush),
                 Err(RecvTimeoutError::Timeout)
             );
             self.drain();
             if stopping {
-                // The senders are gone by now; take whatever arrived meanwhile.
-                self.drain();
+                // Nothing pushes any more: the worker is in exit_process.
                 self.seal();
                 return;
             }
@@ -146,62 +139,76 @@ impl Writer {
         }
     }
 
-    /// Takes everything queued and writes it, one batch per `MAX_BATCH` bytes.
+    /// Takes what the queue holds and writes it.
     fn drain(&mut self) {
-        let mut events = 0u64;
-        while let Ok(frame) = self.rx.try_recv() {
-            self.batch.extend_from_slice(&frame);
-            events += 1;
-            if self.batch.len() >= MAX_BATCH {
-                self.write(events);
-                events = 0;
-            }
-        }
-        self.write(events);
+        self.queue.take(&mut self.batch);
+        self.write();
+        self.batch.clear();
+        self.queue.written();
     }
 
-    /// Writes the batch plus a drop marker for any drops not yet in the spool.
-    fn write(&mut self, events: u64) {
+    /// Writes the batch, in pieces of about `MAX_WRITE` bytes, plus a drop marker for any
+    /// drops not yet in the spool. After a failed piece the rest of the batch is dropped:
+    /// the next marker that does get written says how many.
+    fn write(&mut self) {
         let now = now_ms();
-        let new_drops = self.pending_drops.swap(0, Ordering::Relaxed);
-        SharedCounters::add(&self.counters.dropped, new_drops);
-        let marker = self.carried_drops + new_drops;
+        SharedCounters::add(&self.counters.dropped, self.batch.dropped);
+        let marker = self.carried_drops + self.batch.dropped;
         if marker > 0 {
-            encode_drop_marker(&mut self.batch, now, marker);
+            // At the very end: in the last piece, after every event of the batch.
+            encode_drop_marker(&mut self.batch.frames, now, marker);
         }
-        if self.batch.is_empty() {
+        if self.batch.frames.is_empty() {
             return;
         }
-        match self.segments.append(&self.batch, events, marker, now) {
-            Ok(sealed) => {
-                self.carried_drops = 0;
-                SharedCounters::add(&self.counters.events, events);
-                SharedCounters::add(&self.counters.bytes, self.batch.len() as u64);
-                if sealed.is_some() {
-                    // Sealing synced the segment (when fsync is on); the new one starts fresh.
-                    SharedCounters::add(&self.counters.segments, 1);
-                    self.last_sync = Instant::now();
-                }
-                if std::mem::replace(&mut self.failing, false) {
-                    (self.log)(Level::Notice, "logtally: spool writes work again");
-                }
+        let mut lost = 0u64;
+        let mut error = None;
+        let mut pieces = self.batch.pieces().peekable();
+        while let Some((piece, events)) = pieces.next() {
+            let piece_marker = if pieces.peek().is_none() { marker } else { 0 };
+            if error.is_some() {
+                lost += events;
+                continue;
             }
-            Err(e) => {
-                // The spool did not take the batch: its events are lost; the next marker
-                // that does get written says how many.
-                self.carried_drops = marker + events;
-                SharedCounters::add(&self.counters.dropped, events);
-                SharedCounters::add(&self.counters.write_errors, 1);
-                if !std::mem::replace(&mut self.failing, true) {
-                    let msg = format!(
-                        "logtally: writing to spool \"{}\" failed, dropping events until it works again: {e}",
-                        self.config.segments.dir.display()
-                    );
-                    (self.log)(Level::Error, &msg);
+            if piece.is_empty() {
+                continue;
+            }
+            match self.segments.append(piece, events, piece_marker, now) {
+                Ok(sealed) => {
+                    SharedCounters::add(&self.counters.events, events);
+                    SharedCounters::add(&self.counters.bytes, piece.len() as u64);
+                    if sealed.is_some() {
+                        // Sealing synced the segment (when fsync is on); the new one starts
+                        // fresh.
+                        SharedCounters::add(&self.counters.segments, 1);
+                        self.last_sync = Instant::now();
+                    }
+                }
+                Err(e) => {
+                    lost += events;
+                    error = Some(e);
                 }
             }
         }
-        self.batch.clear();
+        let Some(e) = error else {
+            self.carried_drops = 0;
+            if std::mem::replace(&mut self.failing, false) {
+                (self.log)(Level::Notice, "logtally: spool writes work again");
+            }
+            return;
+        };
+        // The spool did not take (all of) the batch: its events are lost, and the marker
+        // (written last) did not go out either.
+        self.carried_drops = marker + lost;
+        SharedCounters::add(&self.counters.dropped, lost);
+        SharedCounters::add(&self.counters.write_errors, 1);
+        if !std::mem::replace(&mut self.failing, true) {
+            let msg = format!(
+                "logtally: writing to spool \"{}\" failed, dropping events until it works again: {e}",
+                self.config.segments.dir.display()
+            );
+            (self.log)(Level::Error, &msg);
+        }
     }
 
     fn sync_if_due(&mut self) {
@@ -247,6 +254,7 @@ mod tests {
             },
             flush: Duration::from_millis(5),
             fsync_every: None,
+            queue: Bound::Records(1000),
         }
     }
 
@@ -287,25 +295,25 @@ mod tests {
         Box::leak(Box::default())
     }
 
+    fn push(q: &EventQueue, value: &[u8]) -> bool {
+        q.push(|out| logtally_spool::encode_event(out, 1, [Some(value)]))
+            .is_some()
+    }
+
     #[test]
-    fn writes_everything_sent_then_seals_on_stop() {
+    fn writes_everything_queued_and_every_drop_then_seals_on_stop() {
         let dir = tempfile::tempdir().unwrap();
-        let (tx, rx) = crossbeam_channel::bounded(1000);
-        let drops = PendingDrops::default();
+        let queue = Arc::new(EventQueue::new(Bound::Bytes(1 << 20)));
         let counters = leak_counters();
         let h = spawn(
             config(dir.path(), 4096),
-            rx,
-            drops.clone(),
+            queue.clone(),
             counters,
             Box::new(|_, _| {}),
         )
         .unwrap();
-        let mut buf = Vec::new();
         for i in 0..500u32 {
-            buf.clear();
-            logtally_spool::encode_event(&mut buf, 1, [Some(i.to_string().as_bytes())]);
-            tx.send(buf.clone()).unwrap();
+            assert!(push(&queue, i.to_string().as_bytes()));
             if i == 249 {
                 // Let the first half go out as its own batch (> 4 KiB: the segment rolls).
                 let deadline = Instant::now() + Duration::from_secs(5);
@@ -315,8 +323,17 @@ mod tests {
                 }
             }
         }
-        drops.fetch_add(3, Ordering::Relaxed);
-        drop(tx);
+        // Values bigger than the whole bound (1 MiB): always refused, and counted.
+        let huge = vec![b'h'; 4096];
+        let too_big = vec![Some(huge.as_slice()); 64 * 4 + 1];
+        for _ in 0..3 {
+            let pushed = queue.push(|out| {
+                for chunk in too_big.chunks(64) {
+                    logtally_spool::encode_event(out, 1, chunk.iter().copied());
+                }
+            });
+            assert!(pushed.is_none());
+        }
         assert!(h.stop(Duration::from_secs(5)));
         let (values, dropped, seals) = frames_in(dir.path());
         let want: Vec<Vec<u8>> = (0..500u32).map(|i| i.to_string().into_bytes()).collect();
@@ -326,38 +343,42 @@ mod tests {
         assert_eq!((c.events, c.dropped), (500, 3));
         assert!(seals >= 2, "4 KiB segments must have rolled");
         assert_eq!(c.segments, seals as u64);
+        let on_disk: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(
+            c.bytes > 0 && c.bytes < on_disk,
+            "headers and seals are not counted"
+        );
     }
 
     #[test]
     fn failed_writes_count_as_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("gone");
-        let (tx, rx) = crossbeam_channel::bounded(10);
+        let queue = Arc::new(EventQueue::new(Bound::Records(10)));
         let counters = leak_counters();
-        let logged = Arc::new(AtomicU64::new(0));
+        let logged = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let l = logged.clone();
         let h = spawn(
             config(&missing, 1 << 20),
-            rx,
-            PendingDrops::default(),
+            queue.clone(),
             counters,
             Box::new(move |_, _| {
-                l.fetch_add(1, Ordering::Relaxed);
+                l.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }),
         )
         .unwrap();
-        let mut buf = Vec::new();
-        logtally_spool::encode_event(&mut buf, 1, [Some(&b"x"[..])]);
         for _ in 0..4 {
-            tx.send(buf.clone()).unwrap();
+            assert!(push(&queue, b"x"));
         }
-        drop(tx);
         assert!(h.stop(Duration::from_secs(5)));
         let c = counters.snapshot();
         assert_eq!((c.events, c.dropped), (0, 4));
         assert!(c.write_errors >= 1);
         assert_eq!(
-            logged.load(Ordering::Relaxed),
+            logged.load(std::sync::atomic::Ordering::Relaxed),
             1,
             "one message per failure streak"
         );

@@ -1,10 +1,14 @@
 //! The nginx module in a real nginx (2 workers, loopback): every request becomes exactly one
-//! spool record (checked against a stock access_log), bad configurations fail `nginx -t`
-//! naming the directive, reloads and a killed worker lose nothing they should not, odd
-//! values are recorded faithfully or cut by the documented rule, a full queue or a spool
-//! that cannot take writes costs events (counted, marked) but never a request, a frozen
-//! disk stalls neither requests nor reloads, and `logtally_status` is valid Prometheus text
-//! with the right numbers.
+//! spool record (checked against a stock access_log), field values are what access_log
+//! writes for the same request even when something read them earlier (`add_header`,
+//! subrequests, upstream failover), internal redirects record the final location, bad
+//! configurations fail `nginx -t` naming the directive, reloads and a killed worker lose
+//! nothing they should not, odd values are recorded faithfully or cut by the documented
+//! rule, a full queue (in records or bytes) or a spool that cannot take writes costs events
+//! (counted, marked) but never a request, a frozen disk stalls neither requests nor reloads
+//! and holds a worker to its byte queue, the spool folder has the documented owner and
+//! mode, and `logtally_status` is valid Prometheus text with the right numbers (and never
+//! an event itself).
 //!
 //! Needs the module built first (`scripts/nginx-build.sh module`, or `vendored` with
 //! `LOGTALLY_NGINX_ROUTE=vendored`); see `logtally_e2e::nginx`. Runs as root for the tmpfs,
@@ -268,6 +272,16 @@ fn bad_configurations_fail_nginx_t_naming_the_directive() {
         |_| {},
         &["\"logtally_spool\" directive", "flush", "soon"],
     );
+    for queue in ["0", "lots", "64x", "2g", "512b"] {
+        assert_rejected(
+            &spool(&format!("logtally_spool @DIR@/spool queue={queue};")),
+            |_| {},
+            &[
+                "\"logtally_spool\" directive",
+                &format!("invalid queue \"{queue}\""),
+            ],
+        );
+    }
     assert_rejected(
         &spool("logtally_spool @DIR@/spool fsync=never;"),
         |_| {},
@@ -882,9 +896,16 @@ fn levels_inherit_switch_off_and_leave_undeclared_fields_absent() {
 
 #[test]
 fn a_full_queue_drops_counts_and_marks_the_spool() {
+    // A bound in records, and one in bytes (about 30 of these events).
+    for queue in ["8", "1k"] {
+        a_full_queue_drops_counts_and_marks(queue);
+    }
+}
+
+fn a_full_queue_drops_counts_and_marks(queue: &str) {
     const TOTAL: u64 = 400;
     let conf = r#"
-        logtally_spool @DIR@/spool flush=1s queue=8;
+        logtally_spool @DIR@/spool flush=1s queue=@QUEUE@;
         server {
             listen 127.0.0.1:@PORT@;
             logtally on;
@@ -892,8 +913,9 @@ fn a_full_queue_drops_counts_and_marks_the_spool() {
             location / { return 204; }
             location /status { logtally off; logtally_status; }
         }
-    "#;
-    let mut n = TestNginx::start(conf, 2);
+    "#
+    .replace("@QUEUE@", queue);
+    let mut n = TestNginx::start(&conf, 2);
     let mut client = HttpClient::new(n.addr());
     // Far faster than one writer wake (1 s) can take 8 records per worker.
     for id in 0..TOTAL {
@@ -905,33 +927,51 @@ fn a_full_queue_drops_counts_and_marks_the_spool() {
             204
         );
     }
+    let (written, dropped) = written_and_dropped(&n, TOTAL);
+    assert!(
+        dropped > 0 && written >= 8,
+        "queue={queue}: {written} written, {dropped} dropped"
+    );
+    spool_agrees_with_counters(&mut n, written, dropped);
+}
+
+/// Waits until the module's counters account for all `total` events sent, and returns
+/// them: (written, dropped).
+fn written_and_dropped(n: &TestNginx, total: u64) -> (u64, u64) {
+    let counts = || {
+        let text = status(n.addr());
+        (
+            status_value(&text, "logtally_module_events_total"),
+            status_value(&text, "logtally_module_dropped_total"),
+        )
+    };
     n.wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         "every event written or dropped",
         || {
-            let text = status(n.addr());
-            status_value(&text, "logtally_module_events_total")
-                + status_value(&text, "logtally_module_dropped_total")
-                == TOTAL
+            let (written, dropped) = counts();
+            written + dropped == total
         },
     );
-    let text = status(n.addr());
-    let dropped = status_value(&text, "logtally_module_dropped_total");
-    let written = status_value(&text, "logtally_module_events_total");
-    assert!(dropped > 0 && written >= 8, "{text}");
-    n.quit();
+    counts()
+}
 
+/// Stops nginx, then checks the spool against the counters: clean segments, `written`
+/// events with distinct ids, drop markers summing to `dropped`. Returns the ids.
+fn spool_agrees_with_counters(n: &mut TestNginx, written: u64, dropped: u64) -> HashSet<u64> {
+    n.quit();
     let segs = read_spool(&n.dir().join("spool"));
     assert_clean(&segs);
-    let events: usize = segs.iter().map(|s| s.events.len()).sum();
-    let markers: u64 = segs.iter().map(|s| s.dropped).sum();
-    assert_eq!(events as u64, written);
-    assert_eq!(markers, dropped, "drop markers carry every dropped event");
     let ids: HashSet<u64> = all_events(&segs)
         .into_iter()
         .map(|(s, e)| id_of(s, e))
         .collect();
+    let events: usize = segs.iter().map(|s| s.events.len()).sum();
+    assert_eq!(events as u64, written, "events in the spool vs counted");
     assert_eq!(ids.len(), events, "no id twice");
+    let markers: u64 = segs.iter().map(|s| s.dropped).sum();
+    assert_eq!(markers, dropped, "drop markers carry every dropped event");
+    ids
 }
 
 /// An ext4 image, loop-mounted for a test, that `fsfreeze` can stall like a hung disk:
@@ -1008,6 +1048,75 @@ fn any_thread_stuck(pids: &[i32]) -> bool {
     })
 }
 
+/// nginx with its spool folder on a loop-mounted file system that the test can freeze;
+/// `None` where mounting is not allowed. (Bound in this order, nginx is dropped, and
+/// stopped, before the file system is.)
+fn start_on_loop_fs(conf: &str, workers: usize) -> Option<(LoopFs, TestNginx)> {
+    let mut disk = None;
+    let n = TestNginx::start_with(conf, workers, |dir| disk = LoopFs::new(&dir.join("spool")));
+    Some((disk?, n))
+}
+
+/// Resident memory of a process, in bytes (`VmRSS`).
+fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[test]
+fn a_frozen_disk_holds_a_worker_to_its_byte_queue_and_every_drop_is_counted() {
+    const QUEUE: u64 = 256 << 10;
+    const WARM: u64 = 200;
+    const TOTAL: u64 = 3000;
+    let conf = PAD_CONF.replace("fsync=off", "queue=256k");
+    let Some((disk, mut n)) = start_on_loop_fs(&conf, 1) else {
+        eprintln!("NOT RUN: cannot loop-mount here (needs root): frozen-disk memory bound");
+        return;
+    };
+    let worker = n.worker_pids()[0];
+    // 4 KiB a request: 12 MB in all, 47 times the queue.
+    let pad = vec![b'p'; 4000];
+    let mut client = HttpClient::new(n.addr());
+    let mut send = |ids: std::ops::Range<u64>, pad: &[u8]| {
+        for id in ids {
+            let target = format!("/e?id={id}");
+            let r = client.get(target.as_bytes(), &[("X-Pad", pad)]).unwrap();
+            assert_eq!(r.status, 204);
+        }
+    };
+    // Small events first: none dropped.
+    send(0..WARM, b"");
+    n.wait_until(Duration::from_secs(10), "the first events on disk", || {
+        status_value(&status(n.addr()), "logtally_module_events_total") == WARM
+    });
+    let before = rss_bytes(worker);
+    let frozen = disk.freeze();
+    send(WARM..TOTAL, &pad);
+    n.wait_until(
+        Duration::from_secs(10),
+        "the writer stuck on the disk",
+        || any_thread_stuck(&[worker]),
+    );
+    let grown = rss_bytes(worker).saturating_sub(before);
+    // Both buffers together hold at most QUEUE bytes; the rest is allocator slack.
+    assert!(
+        grown < 4 << 20,
+        "worker grew by {grown} bytes with a {QUEUE}-byte queue and a frozen disk"
+    );
+    drop(frozen);
+    let (written, dropped) = written_and_dropped(&n, TOTAL);
+    assert!(dropped > TOTAL / 2, "{written} written, {dropped} dropped");
+    let ids = spool_agrees_with_counters(&mut n, written, dropped);
+    assert!((0..WARM).all(|id| ids.contains(&id)));
+    drop(disk);
+}
+
 #[test]
 fn a_stalled_disk_never_stalls_requests_or_reloads() {
     let conf = r#"
@@ -1020,9 +1129,7 @@ fn a_stalled_disk_never_stalls_requests_or_reloads() {
             location /status { logtally off; logtally_status; }
         }
     "#;
-    let mut disk = None;
-    let mut n = TestNginx::start_with(conf, 2, |dir| disk = LoopFs::new(&dir.join("spool")));
-    let Some(disk) = disk else {
+    let Some((disk, mut n)) = start_on_loop_fs(conf, 2) else {
         eprintln!("cannot loop-mount here: stalled disk test skipped");
         return;
     };
@@ -1097,4 +1204,422 @@ fn a_stalled_disk_never_stalls_requests_or_reloads() {
     }
     assert!(seen.values().all(|&times| times == 1));
     drop(disk);
+}
+
+/// An http block where `logtally_field` and a stock access_log format (tab-separated) read
+/// the same values in one order, for [`events_against_access_log`]: `http_extra` goes at
+/// http level, `server_body` into the one server (logtally and access_log on there).
+fn compared_conf(pairs: &[(&str, &str)], http_extra: &str, server_body: &str) -> String {
+    let fields: String = pairs
+        .iter()
+        .map(|(name, value)| format!("logtally_field {name} {value};\n"))
+        .collect();
+    let format: Vec<&str> = pairs
+        .iter()
+        .map(|(_, value)| value.trim_matches('"'))
+        .collect();
+    format!(
+        "logtally_spool @DIR@/spool flush=20ms;
+        {fields}
+        log_format same '{}';
+        {http_extra}
+        server {{
+            listen 127.0.0.1:@PORT@;
+            logtally on;
+            # The harness switches access_log off at http level.
+            access_log @DIR@/access.log same;
+            {server_body}
+        }}",
+        format.join("\\t")
+    )
+}
+
+/// Stops nginx (one worker, so events and access_log lines are in the same order) and
+/// checks every event against the stock access_log line nginx wrote for the same request,
+/// field by field (absent is access_log's `-`). Returns the rows, by field name.
+fn events_against_access_log(
+    n: &mut TestNginx,
+    pairs: &[(&str, &str)],
+) -> Vec<HashMap<String, String>> {
+    let names: Vec<&str> = pairs.iter().map(|(name, _)| *name).collect();
+    n.quit();
+    let segs = read_spool(&n.dir().join("spool"));
+    assert_clean(&segs);
+    let log = std::fs::read_to_string(n.dir().join("access.log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let events = all_events(&segs);
+    assert_eq!(events.len(), lines.len(), "events vs access_log:\n{log}");
+    let mut rows = Vec::new();
+    for ((seg, e), line) in events.into_iter().zip(lines) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        assert_eq!(cols.len(), names.len(), "{line:?}");
+        let mut row = HashMap::new();
+        for (name, col) in names.iter().zip(cols) {
+            let v = seg
+                .value(e, name)
+                .map_or("-".to_string(), |v| String::from_utf8_lossy(v).into_owned());
+            assert_eq!(
+                v, col,
+                "field {name}: event {v:?}, access_log {col:?} in {line:?}"
+            );
+            row.insert(name.to_string(), v);
+        }
+        rows.push(row);
+    }
+    rows
+}
+
+/// A local HTTP upstream serving `count` connections: each gets its response header at
+/// once and its 5-byte body `delay` later.
+fn slow_upstream(count: usize, delay: Duration) -> (u16, std::thread::JoinHandle<()>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        for conn in listener.incoming().take(count) {
+            let mut conn = conn.unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => req.extend_from_slice(&buf[..k]),
+                }
+            }
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n");
+            let _ = conn.flush();
+            std::thread::sleep(delay);
+            let _ = conn.write_all(b"hello");
+        }
+    });
+    (port, t)
+}
+
+fn parse_secs(s: &str) -> f64 {
+    s.parse()
+        .unwrap_or_else(|_| panic!("not a number of seconds: {s:?}"))
+}
+
+#[test]
+fn body_bytes_sent_read_by_add_header_is_recorded_as_access_log_writes_it() {
+    let pairs = [
+        ("bytes", "$body_bytes_sent"),
+        ("sent", "$bytes_sent"),
+        ("both", "\"$body_bytes_sent/$bytes_sent\""),
+        ("xb", "$sent_http_x_b"),
+    ];
+    let conf = compared_conf(
+        &pairs,
+        "",
+        r#"location / { add_header X-B "$body_bytes_sent $bytes_sent"; return 200 "seventeen bytes!!"; }"#,
+    );
+    let mut n = TestNginx::start(&conf, 1);
+    let mut client = HttpClient::new(n.addr());
+    for _ in 0..3 {
+        let r = client.get(b"/", &[]).unwrap();
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"seventeen bytes!!"[..])
+        );
+    }
+    let rows = events_against_access_log(&mut n, &pairs);
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        // The header was built before any byte went out: the values cached then were 0.
+        assert_eq!(
+            row["xb"], "0 0",
+            "add_header must have read the variables early"
+        );
+        assert_eq!(row["bytes"], "17");
+        let sent: u64 = row["sent"].parse().unwrap();
+        assert!(sent > 17, "{row:?}");
+        assert_eq!(row["both"], format!("17/{sent}"));
+    }
+}
+
+#[test]
+fn request_time_read_by_add_header_is_recorded_as_access_log_writes_it() {
+    const REQUESTS: usize = 3;
+    let (upstream, served) = slow_upstream(REQUESTS, Duration::from_millis(300));
+    let pairs = [
+        ("rt", "$request_time"),
+        ("rt_text", "rt=$request_time"),
+        ("xrt", "$sent_http_x_rt"),
+    ];
+    let conf = compared_conf(
+        &pairs,
+        "",
+        &format!("location / {{ add_header X-RT $request_time; proxy_pass http://127.0.0.1:{upstream}; }}"),
+    );
+    let mut n = TestNginx::start(&conf, 1);
+    let mut client = HttpClient::new(n.addr());
+    for _ in 0..REQUESTS {
+        let r = client.get(b"/", &[]).unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
+    }
+    served.join().unwrap();
+    let rows = events_against_access_log(&mut n, &pairs);
+    assert_eq!(rows.len(), REQUESTS);
+    for row in rows {
+        let (early, rt) = (parse_secs(&row["xrt"]), parse_secs(&row["rt"]));
+        assert!(early < 0.25, "the header went out before the body: {row:?}");
+        assert!(rt >= 0.3, "the body came 300 ms after the header: {row:?}");
+        assert_eq!(row["rt_text"], format!("rt={}", row["rt"]));
+    }
+}
+
+/// Not a staleness case (access_log, whose log-phase handler runs before the module's,
+/// re-reads non-cacheable variables it logs and so refreshes them for everyone): the
+/// upstream values of a proxied location, lists of a failed-over request included, agree
+/// with access_log's.
+#[test]
+fn upstream_variables_of_a_proxied_location_are_recorded_as_access_log_writes_them() {
+    const REQUESTS: usize = 4;
+    let (upstream, served) = slow_upstream(REQUESTS, Duration::from_millis(100));
+    // A port nobody listens on: connecting to it is refused, and nginx tries the next server.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pairs = [
+        ("ust", "$upstream_status"),
+        ("urt", "$upstream_response_time"),
+        ("uaddr", "$upstream_addr"),
+        ("both", "\"$upstream_status $upstream_response_time\""),
+        ("xurt", "$sent_http_x_urt"),
+        ("st", "$status"),
+    ];
+    let conf = compared_conf(
+        &pairs,
+        &format!(
+            "upstream slow {{ server 127.0.0.1:{dead} max_fails=0; server 127.0.0.1:{upstream}; }}"
+        ),
+        r#"location / { add_header X-URT "$upstream_response_time"; proxy_pass http://slow; }"#,
+    );
+    let mut n = TestNginx::start(&conf, 1);
+    let mut client = HttpClient::new(n.addr());
+    for _ in 0..REQUESTS {
+        assert_eq!(client.get(b"/", &[]).unwrap().status, 200);
+    }
+    served.join().unwrap();
+    let rows = events_against_access_log(&mut n, &pairs);
+    assert_eq!(rows.len(), REQUESTS);
+    for row in &rows {
+        assert_eq!(row["st"], "200");
+        assert!(row["ust"].ends_with("200"), "{row:?}");
+        assert_eq!(row["both"], format!("{} {}", row["ust"], row["urt"]));
+        let last_rt = row["urt"].rsplit(", ").next().unwrap();
+        assert!(parse_secs(last_rt) >= 0.1, "{row:?}");
+    }
+    assert!(
+        rows.iter()
+            .any(|r| r["ust"] == "502, 200" && r["uaddr"].contains(", ")),
+        "no request failed over: {rows:?}"
+    );
+}
+
+#[test]
+fn subrequests_are_recorded_with_log_subrequest_and_leave_the_main_status_alone() {
+    let build = logtally_e2e::nginx::NginxBuild::from_env();
+    let flags = Command::new(&build.nginx).arg("-V").output().unwrap();
+    if !String::from_utf8_lossy(&flags.stderr).contains("--with-http_auth_request_module") {
+        eprintln!(
+            "NOT RUN: {} has no auth_request module (Debian's has)",
+            build.nginx.display()
+        );
+        return;
+    }
+    let pairs = [("uri", "$uri"), ("st", "$status"), ("text", "st=$status")];
+    let conf = compared_conf(
+        &pairs,
+        "",
+        r#"log_subrequest on;
+            # A content handler (`return` would answer before the access phase's auth).
+            location /private { auth_request /auth; root @DIR@/www; }
+            location = /auth { internal; return 204; }"#,
+    );
+    let mut n = TestNginx::start_with(&conf, 1, |dir| {
+        std::fs::create_dir_all(dir.join("www")).unwrap();
+        std::fs::write(dir.join("www/private"), b"ok").unwrap();
+    });
+    let mut client = HttpClient::new(n.addr());
+    for _ in 0..2 {
+        let r = client.get(b"/private", &[]).unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
+    }
+    let rows = events_against_access_log(&mut n, &pairs);
+    let got: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| (r["uri"].as_str(), r["st"].as_str(), r["text"].as_str()))
+        .collect();
+    let sub = ("/auth", "204", "st=204");
+    let main = ("/private", "200", "st=200");
+    assert_eq!(got, [sub, main, sub, main]);
+}
+
+#[test]
+fn status_scrapes_are_never_recorded_even_where_logtally_is_on() {
+    const REQUESTS: u64 = 5;
+    let conf = r#"
+        logtally_spool @DIR@/spool flush=20ms;
+        logtally on;
+        logtally_field uri $uri;
+        server {
+            listen 127.0.0.1:@PORT@;
+            location / { return 204; }
+            location /status { logtally_status; location /status/nested { return 204; } }
+        }
+    "#;
+    let mut n = TestNginx::start(conf, 1);
+    let mut client = HttpClient::new(n.addr());
+    for _ in 0..REQUESTS {
+        assert_eq!(client.get(b"/e", &[]).unwrap().status, 204);
+    }
+    // A nested location does not serve the counters, so it does not inherit the exemption.
+    assert_eq!(client.get(b"/status/nested", &[]).unwrap().status, 204);
+    // Every poll is a scrape that logtally must not count.
+    n.wait_until(Duration::from_secs(10), "the events written", || {
+        status_value(&status(n.addr()), "logtally_module_events_total") == REQUESTS + 1
+    });
+    for _ in 0..5 {
+        status(n.addr());
+    }
+    n.quit();
+    let segs = read_spool(&n.dir().join("spool"));
+    let uris: Vec<&[u8]> = all_events(&segs)
+        .into_iter()
+        .map(|(s, e)| s.value(e, "uri").unwrap())
+        .collect();
+    let mut want = vec![&b"/e"[..]; REQUESTS as usize];
+    want.push(b"/status/nested");
+    assert_eq!(uris, want);
+}
+
+#[test]
+fn internal_redirects_record_the_final_location_and_args_stay_raw() {
+    let conf = r#"
+        logtally_spool @DIR@/spool flush=20ms;
+        log_format where '$uri\t$arg_q';
+        logtally on;
+        server {
+            listen 127.0.0.1:@PORT@;
+            logtally_field uri $uri;
+            logtally_field q $arg_q;
+            access_log @DIR@/access.log where;
+            location /start { logtally_field where start; rewrite ^ /end last; }
+            location /end { logtally_field where end; logtally_field q $arg_q; return 204; }
+            location /to-off { error_page 404 = /off; return 404; }
+            location /off { logtally off; return 204; }
+        }
+    "#;
+    let mut n = TestNginx::start(conf, 1);
+    let mut client = HttpClient::new(n.addr());
+    for target in [&b"/start?q=a%20b+c%2F"[..], b"/to-off?q=x"] {
+        assert_eq!(client.get(target, &[]).unwrap().status, 204);
+    }
+    n.quit();
+    let segs = read_spool(&n.dir().join("spool"));
+    let events = all_events(&segs);
+    // One event, with the fields of the location the request ended in (its `where`, and no
+    // server-level `uri`), the query argument as the client sent it (not URL-decoded);
+    // the redirect into a `logtally off` location records nothing, as access_log
+    // follows the final location too.
+    assert_eq!(events.len(), 1);
+    let (seg, e) = events[0];
+    assert_eq!(seg.value(e, "where"), Some(&b"end"[..]));
+    assert_eq!(seg.value(e, "uri"), None);
+    assert_eq!(seg.value(e, "q"), Some(&b"a%20b+c%2F"[..]));
+    let log = std::fs::read_to_string(n.dir().join("access.log")).unwrap();
+    // (error_page drops the arguments of a redirect without its own.)
+    assert_eq!(log, "/end\ta%20b+c%2F\n/off\t-\n");
+}
+
+/// The `Uid:` and `Gid:` (effective) of a process, from /proc.
+fn process_ids(pid: i32) -> (u32, u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let effective = |key: &str| {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    (effective("Uid:"), effective("Gid:"))
+}
+
+#[test]
+fn the_spool_folder_is_the_worker_users_with_group_access_as_documented() {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        eprintln!("NOT RUN: needs root (an nginx master that switches its workers to a user)");
+        return;
+    }
+    const OPERATORS_GROUP: u32 = 4242;
+    for premade in [false, true] {
+        let mut n = TestNginx::start_with(GOOD, 1, |dir| {
+            if premade {
+                // An operator's folder with a group of their choosing (e.g. the sidecar's).
+                let spool = dir.join("spool");
+                std::fs::create_dir(&spool).unwrap();
+                std::os::unix::fs::chown(&spool, Some(0), Some(OPERATORS_GROUP)).unwrap();
+                let mode = std::os::unix::fs::PermissionsExt::from_mode(0o750);
+                std::fs::set_permissions(&spool, mode).unwrap();
+            }
+        });
+        let (worker_uid, worker_gid) = process_ids(n.worker_pids()[0]);
+        assert_ne!(worker_uid, 0, "workers run as an unprivileged user");
+        assert_eq!(
+            HttpClient::new(n.addr()).get(b"/?a=1", &[]).unwrap().status,
+            204
+        );
+        n.quit();
+        let spool = n.dir().join("spool");
+        let meta = std::fs::metadata(&spool).unwrap();
+        let group = if premade { OPERATORS_GROUP } else { worker_gid };
+        assert_eq!(
+            (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+            (0o2770, worker_uid, group),
+            "spool folder (premade: {premade}): mode, owner, group"
+        );
+        let segs = read_spool(&spool);
+        assert_eq!(segs.len(), 1);
+        let seg = std::fs::metadata(&segs[0].path).unwrap();
+        assert_eq!(
+            (seg.mode() & 0o7777, seg.uid(), seg.gid()),
+            (0o640, worker_uid, group),
+            "segment (premade: {premade}): mode, owner, group (the folder's: setgid)"
+        );
+    }
+}
+
+#[test]
+fn ssi_subrequests_are_recorded_with_log_subrequest_each_with_its_own_status() {
+    let pairs = [("uri", "$uri"), ("st", "$status"), ("text", "st=$status")];
+    let conf = compared_conf(
+        &pairs,
+        "",
+        r#"log_subrequest on;
+            location /page { ssi on; default_type text/html; root @DIR@/www; }
+            location = /part { internal; return 202 "part"; }"#,
+    );
+    let mut n = TestNginx::start_with(&conf, 1, |dir| {
+        std::fs::create_dir_all(dir.join("www")).unwrap();
+        std::fs::write(
+            dir.join("www/page"),
+            b"a<!--# include virtual=\"/part\" -->b",
+        )
+        .unwrap();
+    });
+    // (The answer is chunked, which the test client does not read: the events below show
+    // the include ran.)
+    let r = HttpClient::one_shot(n.addr()).get(b"/page", &[]).unwrap();
+    assert_eq!(r.status, 200);
+    let rows = events_against_access_log(&mut n, &pairs);
+    let got: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| (r["uri"].as_str(), r["st"].as_str(), r["text"].as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [("/part", "202", "st=202"), ("/page", "200", "st=200")]
+    );
 }
