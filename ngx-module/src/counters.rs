@@ -15,6 +15,7 @@ pub struct SharedCounters {
     pub segments: AtomicU64,
     pub truncated: AtomicU64,
     pub write_errors: AtomicU64,
+    pub unlinked_segments: AtomicU64,
 }
 
 /// A point-in-time copy of [`SharedCounters`].
@@ -26,6 +27,7 @@ pub struct CounterValues {
     pub segments: u64,
     pub truncated: u64,
     pub write_errors: u64,
+    pub unlinked_segments: u64,
 }
 
 impl SharedCounters {
@@ -43,6 +45,7 @@ impl SharedCounters {
             segments: self.segments.load(Ordering::Relaxed),
             truncated: self.truncated.load(Ordering::Relaxed),
             write_errors: self.write_errors.load(Ordering::Relaxed),
+            unlinked_segments: self.unlinked_segments.load(Ordering::Relaxed),
         }
     }
 }
@@ -52,7 +55,7 @@ pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=ut
 
 /// Renders the counters in the Prometheus text format, names prefixed `logtally_module_`.
 pub fn render_prometheus(v: &CounterValues) -> String {
-    let metrics: [(&str, &str, u64); 6] = [
+    let metrics: [(&str, &str, u64); 7] = [
         (
             "events_total",
             "Events written to the spool by all workers.",
@@ -83,6 +86,11 @@ pub fn render_prometheus(v: &CounterValues) -> String {
             "Failed batch writes to the spool.",
             v.write_errors,
         ),
+        (
+            "unlinked_segments_total",
+            "Open spool segments found deleted by hand; their writer moved on to a new one.",
+            v.unlinked_segments,
+        ),
     ];
     let mut out = String::with_capacity(1024);
     for (name, help, value) in metrics {
@@ -108,6 +116,7 @@ mod tests {
             segments: 1,
             truncated: 4,
             write_errors: 0,
+            unlinked_segments: 3,
         };
         let text = render_prometheus(&v);
         assert!(text.contains("\nlogtally_module_events_total 7\n"));
@@ -115,8 +124,9 @@ mod tests {
         assert!(text.contains("\nlogtally_module_bytes_total 300\n"));
         assert!(text.contains("\nlogtally_module_segments_total 1\n"));
         assert!(text.contains("\nlogtally_module_truncated_values_total 4\n"));
-        assert_eq!(text.matches("# TYPE ").count(), 6);
-        assert_eq!(text.matches("# HELP ").count(), 6);
+        assert!(text.contains("\nlogtally_module_unlinked_segments_total 3\n"));
+        assert_eq!(text.matches("# TYPE ").count(), 7);
+        assert_eq!(text.matches("# HELP ").count(), 7);
         assert!(text.ends_with('\n'));
     }
 }

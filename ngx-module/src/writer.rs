@@ -162,6 +162,8 @@ impl Writer {
             return;
         }
         let mut lost = 0u64;
+        // Whether the marker reached the spool (it is the batch's last frame).
+        let mut marker_written = marker == 0;
         let mut error = None;
         let mut pieces = self.batch.pieces().peekable();
         while let Some((piece, events)) = pieces.next() {
@@ -177,6 +179,7 @@ impl Writer {
                 Ok(sealed) => {
                     SharedCounters::add(&self.counters.events, events);
                     SharedCounters::add(&self.counters.bytes, piece.len() as u64);
+                    marker_written |= piece_marker > 0;
                     if sealed.is_some() {
                         // Sealing synced the segment (when fsync is on); the new one starts
                         // fresh.
@@ -185,11 +188,16 @@ impl Writer {
                     }
                 }
                 Err(e) => {
-                    lost += events;
+                    // The segment was abandoned, not cut: its whole frames stay readable.
+                    SharedCounters::add(&self.counters.events, e.written.events);
+                    lost += events - e.written.events.min(events);
+                    marker_written |= piece_marker > 0 && e.written.dropped == piece_marker;
                     error = Some(e);
                 }
             }
         }
+        drop(pieces);
+        self.note_unlinked();
         let Some(e) = error else {
             self.carried_drops = 0;
             if std::mem::replace(&mut self.failing, false) {
@@ -197,15 +205,28 @@ impl Writer {
             }
             return;
         };
-        // The spool did not take (all of) the batch: its events are lost, and the marker
-        // (written last) did not go out either.
-        self.carried_drops = marker + lost;
+        // What the spool did not take is lost; the next marker that is written says so.
+        self.carried_drops = lost + if marker_written { 0 } else { marker };
         SharedCounters::add(&self.counters.dropped, lost);
         SharedCounters::add(&self.counters.write_errors, 1);
         if !std::mem::replace(&mut self.failing, true) {
             let msg = format!(
                 "logtally: writing to spool \"{}\" failed, dropping events until it works again: {e}",
                 self.config.segments.dir.display()
+            );
+            (self.log)(Level::Error, &msg);
+        }
+    }
+
+    /// Counts and reports open segments that were deleted by hand (the segment writer let
+    /// each go and writes a new one).
+    fn note_unlinked(&mut self) {
+        if let Some(u) = self.segments.take_unlinked() {
+            SharedCounters::add(&self.counters.unlinked_segments, u.count);
+            let msg = format!(
+                "logtally: spool segment \"{}\" was deleted while open ({} so far); its events are lost, writing a new segment",
+                u.last.display(),
+                self.counters.unlinked_segments.load(std::sync::atomic::Ordering::Relaxed)
             );
             (self.log)(Level::Error, &msg);
         }
@@ -223,6 +244,7 @@ impl Writer {
             let msg = format!("logtally: fdatasync of spool segment failed: {e}");
             (self.log)(Level::Error, &msg);
         }
+        self.note_unlinked();
     }
 
     fn seal(&mut self) {

@@ -1623,3 +1623,60 @@ fn ssi_subrequests_are_recorded_with_log_subrequest_each_with_its_own_status() {
         [("/part", "202", "st=202"), ("/page", "200", "st=200")]
     );
 }
+
+#[test]
+fn segments_deleted_by_hand_are_noticed_counted_and_replaced() {
+    let conf = r#"
+        logtally_spool @DIR@/spool flush=20ms fsync=1s;
+        server {
+            listen 127.0.0.1:@PORT@;
+            logtally on;
+            logtally_field id $arg_id;
+            location / { return 204; }
+            location /status { logtally_status; }
+        }
+    "#;
+    let mut n = TestNginx::start(conf, 1);
+    let mut client = HttpClient::new(n.addr());
+    let mut send = |ids: std::ops::Range<u64>| {
+        for id in ids {
+            let target = format!("/e?id={id}");
+            assert_eq!(client.get(target.as_bytes(), &[]).unwrap().status, 204);
+        }
+    };
+    send(0..10);
+    n.wait_until(Duration::from_secs(10), "the first events on disk", || {
+        status_value(&status(n.addr()), "logtally_module_events_total") == 10
+    });
+    let spool = n.dir().join("spool");
+    for e in std::fs::read_dir(&spool).unwrap().flatten() {
+        std::fs::remove_file(e.path()).unwrap();
+    }
+    // The writer looks at its open segment's links when it syncs (every second here), with
+    // or without traffic.
+    n.wait_until(Duration::from_secs(10), "the deletion noticed", || {
+        n.error_log().contains("was deleted while open")
+    });
+    send(10..20);
+    n.wait_until(Duration::from_secs(10), "the later events on disk", || {
+        status_value(&status(n.addr()), "logtally_module_events_total") == 20
+    });
+    let text = status(n.addr());
+    assert_eq!(
+        status_value(&text, "logtally_module_unlinked_segments_total"),
+        1
+    );
+    n.quit();
+    let segs = read_spool(&spool);
+    assert_clean(&segs);
+    let mut ids: Vec<u64> = all_events(&segs)
+        .into_iter()
+        .map(|(s, e)| id_of(s, e))
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        (10..20).collect::<Vec<_>>(),
+        "the new segment holds the rest"
+    );
+}
