@@ -5,7 +5,7 @@
 
 use std::ffi::{c_char, c_void};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::ptr;
 
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
@@ -18,7 +18,7 @@ use ngx::ffi::{
 };
 use ngx::http::{HttpModuleMainConf, Merge, MergeConfigError};
 
-use logtally_spool::SegmentWriterConfig;
+use logtally_spool::{spool_file_system, SegmentWriterConfig};
 
 use crate::log_vars::{self, LogVar};
 use crate::options::{self, OptionError, SpoolOptions, ValueSpec};
@@ -261,6 +261,13 @@ unsafe fn spool(cf: *mut ngx_conf_t, main: &mut MainConf) -> Result<(), ConfErro
         path: dir.display().to_string(),
         reason,
     })?;
+    if let Some(warning) = check_file_system(&dir)? {
+        ngx::ngx_conf_log_error!(
+            ngx::ffi::NGX_LOG_WARN,
+            cf,
+            "{warning} in \"logtally_spool\" directive"
+        );
+    }
 
     // SAFETY: the path lives in the cycle pool like nginx's own paths; ngx_add_path keeps
     // the pointer in cycle->paths and ngx_create_paths creates and chowns it in the master.
@@ -284,6 +291,22 @@ unsafe fn spool(cf: *mut ngx_conf_t, main: &mut MainConf) -> Result<(), ConfErro
     }
     main.spool = Some(Spool { dir, options });
     Ok(())
+}
+
+/// Where the spool folder's file system is read: the folder, or the nearest ancestor that
+/// exists while nginx has yet to create it (it does once the whole configuration is read).
+fn existing_ancestor(dir: &Path) -> &Path {
+    dir.ancestors().find(|p| p.exists()).unwrap_or(dir)
+}
+
+/// Refuses a spool folder on a network file system; returns the warning for one on FUSE
+/// ([`options::file_system_verdict`]).
+fn check_file_system(dir: &Path) -> Result<Option<String>, ConfError> {
+    let kind = spool_file_system(existing_ancestor(dir)).map_err(|e| ConfError::SpoolDir {
+        path: dir.display().to_string(),
+        reason: format!("cannot tell its file system: {e}"),
+    })?;
+    Ok(options::file_system_verdict(dir, kind)?)
 }
 
 /// The index of variable `name` (nginx's, for `ngx_http_get_indexed_variable`).

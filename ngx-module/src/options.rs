@@ -1,9 +1,11 @@
 //! Pure parsing of directive arguments: `logtally_spool` options (sizes, times, counts),
-//! `logtally_field` names and values. No nginx types here, so every rule is unit-tested.
+//! `logtally_field` names and values, and what the spool folder's file system kind means.
+//! No nginx types here, so every rule is unit-tested.
 
+use std::path::Path;
 use std::time::Duration;
 
-use logtally_spool::{MAX_FIELDS, MAX_FIELD_NAME_LEN};
+use logtally_spool::{is_valid_field_name, FileSystemKind, MAX_FIELDS, MAX_FIELD_NAME_LEN};
 
 use crate::queue::Bound;
 
@@ -77,6 +79,11 @@ pub enum OptionError {
     DuplicateField(String),
     #[error("invalid value \"{value}\": {reason}")]
     Value { value: String, reason: &'static str },
+    #[error("spool folder \"{path}\" is on {file_system}: the spool must be on a local file system (writer locks)")]
+    NetworkFileSystem {
+        path: String,
+        file_system: &'static str,
+    },
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -204,15 +211,33 @@ where
     Ok(opts)
 }
 
-/// Checks a `logtally_field` name: it becomes a segment header field and a table column.
+/// Checks a `logtally_field` name: it becomes a segment header field and a table column,
+/// so it follows the spool's rule ([`is_valid_field_name`]).
 pub fn check_field_name(name: &[u8]) -> Result<&str, OptionError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_FIELD_NAME_LEN
-        && !name[0].is_ascii_digit()
-        && name.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_');
     match std::str::from_utf8(name) {
-        Ok(s) if ok => Ok(s),
+        Ok(s) if is_valid_field_name(name) => Ok(s),
         _ => Err(OptionError::FieldName(lossy(name))),
+    }
+}
+
+/// What the spool folder's file system means: a network file system is refused, FUSE gets a
+/// warning (returned for the caller to log). The segment writers' `flock` locks tell a reader
+/// which segments are live, and they are reliable only where one kernel sees every lock.
+pub fn file_system_verdict(
+    dir: &Path,
+    kind: FileSystemKind,
+) -> Result<Option<String>, OptionError> {
+    match kind {
+        FileSystemKind::Local => Ok(None),
+        FileSystemKind::Network(file_system) => Err(OptionError::NetworkFileSystem {
+            path: dir.display().to_string(),
+            file_system,
+        }),
+        FileSystemKind::Fuse => Ok(Some(format!(
+            "spool folder \"{}\" is on a FUSE file system: the writer locks hold only if it \
+             is local or its server enforces them; keep the spool on a local file system",
+            dir.display()
+        ))),
     }
 }
 
@@ -396,6 +421,28 @@ mod tests {
             msg.contains("segment_size") && msg.contains("lots"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_network_file_system_is_refused_naming_the_folder_and_the_file_system() {
+        let err = file_system_verdict(Path::new("/x"), FileSystemKind::Network("nfs")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "spool folder \"/x\" is on nfs: the spool must be on a local file system (writer locks)"
+        );
+    }
+
+    #[test]
+    fn fuse_is_a_warning_and_local_is_fine() {
+        let dir = Path::new("/mnt/share/spool");
+        let warning = file_system_verdict(dir, FileSystemKind::Fuse)
+            .unwrap()
+            .expect("a warning");
+        assert!(
+            warning.contains("\"/mnt/share/spool\" is on a FUSE file system"),
+            "{warning}"
+        );
+        assert_eq!(file_system_verdict(dir, FileSystemKind::Local), Ok(None));
     }
 
     #[test]

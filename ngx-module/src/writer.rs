@@ -262,7 +262,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use logtally_spool::{decode_header, Frame, ScanItem, SegmentScan};
+    use logtally_spool::{decode_header, SegmentItem, SegmentReader};
     use std::path::Path;
 
     fn config(dir: &Path, segment_size: u64) -> WriterConfig {
@@ -290,25 +290,19 @@ mod tests {
         for path in &names {
             let bytes = std::fs::read(path).unwrap();
             let (_, hlen) = decode_header(&bytes).unwrap().unwrap();
-            let mut scan = SegmentScan::new(&bytes[hlen..]);
-            for item in scan.by_ref() {
+            for item in SegmentReader::new(&bytes[hlen..], hlen as u64) {
                 match item {
-                    ScanItem::Frame {
-                        frame: Frame::Event(r),
-                        ..
-                    } => values.push(r.values().next().unwrap().unwrap().to_vec()),
-                    ScanItem::Frame {
-                        frame: Frame::Dropped { count, .. },
-                        ..
-                    } => dropped += count,
-                    ScanItem::Frame {
-                        frame: Frame::Seal { .. },
-                        ..
-                    } => seals += 1,
-                    ScanItem::Corrupt { .. } => panic!("corrupt frame in {path:?}"),
+                    SegmentItem::Event { record, .. } => {
+                        values.push(record.values().next().unwrap().unwrap().to_vec())
+                    }
+                    SegmentItem::Dropped { count, .. } => dropped += count,
+                    SegmentItem::Seal { .. } => seals += 1,
+                    SegmentItem::Corrupt { offset, .. } => {
+                        panic!("corrupt frame at {offset} in {path:?}")
+                    }
+                    SegmentItem::Torn { offset, .. } => panic!("torn tail at {offset} in {path:?}"),
                 }
             }
-            assert_eq!(scan.remaining(), 0, "torn tail in {path:?}");
         }
         (values, dropped, seals)
     }

@@ -6,7 +6,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use logtally_spool::{encode_event, Frame, ScanItem, SegmentScan};
+use logtally_spool::{encode_event, SegmentItem, SegmentReader};
 
 const RECORDS: usize = 1_000_000;
 const ROUNDS: usize = 9;
@@ -70,14 +70,13 @@ fn main() {
         let t = Instant::now();
         let mut n = 0usize;
         let mut value_bytes = 0usize;
-        for it in SegmentScan::new(&spool) {
-            if let ScanItem::Frame {
-                frame: Frame::Event(r),
-                ..
-            } = it
-            {
+        for it in SegmentReader::new(&spool, 0) {
+            if let SegmentItem::Event { record, .. } = it {
                 n += 1;
-                value_bytes += r.values().map(|v| v.map_or(0, <[u8]>::len)).sum::<usize>();
+                value_bytes += record
+                    .values()
+                    .map(|v| v.map_or(0, <[u8]>::len))
+                    .sum::<usize>();
             }
         }
         assert_eq!(n, RECORDS);

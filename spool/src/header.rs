@@ -36,7 +36,7 @@ pub enum HeaderError {
 /// Whether `name` may be a field name: 1 to [`MAX_FIELD_NAME_LEN`] bytes of `[A-Za-z0-9_]`,
 /// not starting with a digit (a field name becomes a column name in the sidecar's tables).
 /// The one definition of the rule: the header codec checks what it writes and reads with it,
-/// the sidecar a rule's field names; the module is to adopt it for `logtally_field`.
+/// the sidecar a rule's field names, the module `logtally_field` names.
 pub fn is_valid_field_name(name: &[u8]) -> bool {
     !name.is_empty()
         && name.len() <= MAX_FIELD_NAME_LEN

@@ -25,7 +25,7 @@ pub use header::{decode_header, encode_header, is_valid_field_name, HeaderError,
 pub use lock::{
     classify_file_system, spool_file_system, writer_lock_state, FileSystemKind, WriterLock,
 };
-pub use reader::{ScanItem, SegmentItem, SegmentReader, SegmentScan};
+pub use reader::{SegmentItem, SegmentReader};
 pub use writer::{
     is_segment_file_name, segment_file_name, SegmentWriter, SegmentWriterConfig, WrittenSegment,
 };

@@ -186,63 +186,6 @@ impl<'a> Iterator for SegmentReader<'a> {
     }
 }
 
-/// What [`SegmentScan`] finds, with byte offsets relative to the scanned buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScanItem<'a> {
-    /// A complete frame at `offset`, `len` bytes long.
-    Frame {
-        offset: usize,
-        len: usize,
-        frame: Frame<'a>,
-    },
-    /// `len` bytes at `offset` that are not frames were skipped.
-    Corrupt { offset: usize, len: usize },
-}
-
-/// A [`SegmentReader`] from offset 0 in the older shape some callers still use (the nginx
-/// module's tests, the e2e harness): frames as [`Frame`]s, ending before a torn tail, which
-/// [`remaining`](Self::remaining) then measures. New code uses [`SegmentReader`].
-#[derive(Debug, Clone)]
-pub struct SegmentScan<'a> {
-    reader: SegmentReader<'a>,
-}
-
-impl<'a> SegmentScan<'a> {
-    pub fn new(buf: &'a [u8]) -> Self {
-        SegmentScan {
-            reader: SegmentReader::new(buf, 0),
-        }
-    }
-
-    /// Bytes consumed so far: every byte before this is a frame or skipped corruption.
-    pub fn offset(&self) -> usize {
-        self.reader.consumed()
-    }
-
-    /// Bytes after [`offset`](Self::offset): a torn tail once the iterator returned `None`.
-    pub fn remaining(&self) -> usize {
-        self.reader.rest().len()
-    }
-}
-
-impl<'a> Iterator for SegmentScan<'a> {
-    type Item = ScanItem<'a>;
-
-    fn next(&mut self) -> Option<ScanItem<'a>> {
-        let item = self.reader.next()?;
-        let (offset, len) = (item.offset() as usize, item.len());
-        match item {
-            SegmentItem::Corrupt { .. } => Some(ScanItem::Corrupt { offset, len }),
-            SegmentItem::Torn { .. } => None,
-            frame => Some(ScanItem::Frame {
-                offset,
-                len,
-                frame: frame.frame().expect("a frame item"),
-            }),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,19 +228,29 @@ mod tests {
     }
 
     #[test]
-    fn scan_stops_before_a_torn_tail() {
+    fn a_torn_tail_is_the_last_item_and_not_consumed() {
         let mut bytes = Vec::new();
         encode_event(&mut bytes, 1, [Some(&b"a"[..])]);
         let whole = bytes.len();
         encode_event(&mut bytes, 2, [Some(&b"b"[..])]);
         bytes.truncate(whole + 5);
-        let mut scan = SegmentScan::new(&bytes);
+        let mut reader = SegmentReader::new(&bytes, 40);
         assert!(matches!(
-            scan.next(),
-            Some(ScanItem::Frame { offset: 0, len, .. }) if len == whole
+            reader.next(),
+            Some(SegmentItem::Event { offset: 40, len, .. }) if len == whole
         ));
-        assert_eq!(scan.next(), None);
-        assert_eq!(scan.next(), None);
-        assert_eq!((scan.offset(), scan.remaining()), (whole, 5));
+        let torn_at = 40 + whole as u64;
+        assert_eq!(
+            reader.next(),
+            Some(SegmentItem::Torn {
+                offset: torn_at,
+                len: 5
+            })
+        );
+        assert_eq!(reader.next(), None);
+        assert_eq!(
+            (reader.offset(), reader.consumed(), reader.rest().len()),
+            (torn_at, whole, 5)
+        );
     }
 }

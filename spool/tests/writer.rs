@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use logtally_spool::{
     decode_header, encode_drop_marker, encode_event, is_segment_file_name,
     is_segment_temp_file_name, remove_stale_temp_files, spool_file_system, writer_lock_state,
-    AppendError, FileSystemKind, Frame, ScanItem, SegmentScan, SegmentWriter, SegmentWriterConfig,
+    AppendError, FileSystemKind, SegmentItem, SegmentReader, SegmentWriter, SegmentWriterConfig,
     WriterLock,
 };
 
@@ -61,21 +61,18 @@ fn read_contents(bytes: &[u8]) -> Contents {
     assert_eq!(header.fields, vec!["ad".to_string(), "ev".to_string()]);
     assert_eq!(header.writer_pid, 99);
     let mut c = Contents::default();
-    let mut scan = SegmentScan::new(&bytes[hlen..]);
-    for item in scan.by_ref() {
-        assert!(c.seal.is_none(), "frame after seal");
+    for item in SegmentReader::new(&bytes[hlen..], hlen as u64) {
+        assert!(c.seal.is_none(), "item after seal: {item:?}");
         match item {
-            ScanItem::Frame { frame, .. } => match frame {
-                Frame::Event(r) => c.times.push(r.time_ms),
-                Frame::Dropped { count, .. } => c.dropped += count,
-                Frame::Seal {
-                    events, dropped, ..
-                } => c.seal = Some((events, dropped)),
-            },
-            ScanItem::Corrupt { offset, len } => panic!("corrupt: {len} bytes at {offset}"),
+            SegmentItem::Event { record, .. } => c.times.push(record.time_ms),
+            SegmentItem::Dropped { count, .. } => c.dropped += count,
+            SegmentItem::Seal {
+                events, dropped, ..
+            } => c.seal = Some((events, dropped)),
+            SegmentItem::Corrupt { offset, len } => panic!("corrupt: {len} bytes at {offset}"),
+            SegmentItem::Torn { len, .. } => c.torn = len,
         }
     }
-    c.torn = scan.remaining();
     c
 }
 

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use logtally_spool::{decode_header, Frame, ScanItem, SegmentScan};
+use logtally_spool::{decode_header, SegmentItem, SegmentReader};
 
 /// The workspace root (this crate lives in `tests/`).
 pub fn workspace_root() -> PathBuf {
@@ -458,31 +458,20 @@ pub fn read_spool(dir: &Path) -> Vec<SegmentContents> {
                 corrupt_bytes: 0,
                 torn_bytes: 0,
             };
-            let mut scan = SegmentScan::new(&bytes[header_len..]);
-            for item in scan.by_ref() {
+            for item in SegmentReader::new(&bytes[header_len..], header_len as u64) {
                 match item {
-                    ScanItem::Frame {
-                        frame: Frame::Event(r),
-                        ..
-                    } => seg.events.push(Event {
-                        time_ms: r.time_ms,
-                        values: r.values().map(|v| v.map(<[u8]>::to_vec)).collect(),
+                    SegmentItem::Event { record, .. } => seg.events.push(Event {
+                        time_ms: record.time_ms,
+                        values: record.values().map(|v| v.map(<[u8]>::to_vec)).collect(),
                     }),
-                    ScanItem::Frame {
-                        frame: Frame::Dropped { count, .. },
-                        ..
-                    } => seg.dropped += count,
-                    ScanItem::Frame {
-                        frame:
-                            Frame::Seal {
-                                events, dropped, ..
-                            },
-                        ..
+                    SegmentItem::Dropped { count, .. } => seg.dropped += count,
+                    SegmentItem::Seal {
+                        events, dropped, ..
                     } => seg.seal = Some((events, dropped)),
-                    ScanItem::Corrupt { len, .. } => seg.corrupt_bytes += len,
+                    SegmentItem::Corrupt { len, .. } => seg.corrupt_bytes += len,
+                    SegmentItem::Torn { len, .. } => seg.torn_bytes = len,
                 }
             }
-            seg.torn_bytes = scan.remaining();
             seg
         })
         .collect()
