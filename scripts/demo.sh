@@ -105,7 +105,7 @@ TOML
 "$bin" run -c "$demo/logtally.toml" >"$demo/logtally.log" 2>&1 &
 echo $! > "$demo/logtally.pid"
 for _ in $(seq 50); do curl -sf "http://$ADMIN/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
-say "sidecar running (log: $demo/logtally.log, metrics: http://$ADMIN/metrics)"
+say "sidecar running (log: $demo/logtally.log, status page: http://$ADMIN/, metrics: http://$ADMIN/metrics)"
 
 # 6. Load.
 written() { curl -s "http://127.0.0.1:$NGINX_PORT/logtally_status" | awk '$1=="logtally_module_events_total"{print $2}'; }
@@ -141,5 +141,6 @@ cat <<MSG
 
 Stop everything:   scripts/demo.sh stop
 Query yourself:    psql '$DATABASE_URL' -c 'select * from ad_events_1m limit 10'
+Status page:       http://$ADMIN/
 Status:            curl http://$ADMIN/status
 MSG

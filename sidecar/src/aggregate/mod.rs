@@ -39,10 +39,12 @@ mod decimal;
 mod drained;
 mod key;
 mod merge;
+mod top;
 
 pub use decimal::Decimal;
 pub use drained::DrainedRows;
 pub use merge::{combine_kind, merge_rows};
+pub use top::{RuleTop, TopKey, TopKeys};
 
 use std::hash::BuildHasher;
 

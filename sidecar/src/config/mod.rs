@@ -53,6 +53,9 @@ pub struct Config {
     /// Pending aggregate keys (all rules) above which reading pauses until a flush commits.
     pub max_pending_keys: usize,
     pub rules: Vec<Rule>,
+    /// Tables of the rules with `show_keys = false`: the status page and `/status` do not
+    /// show their keys (field values can be personal data).
+    pub hide_keys: Vec<String>,
 }
 
 /// One `[[rule]]`: a table of aggregates.
@@ -195,6 +198,13 @@ struct RawRule {
     group_by: Vec<String>,
     /// Column → function, in file order (toml's `preserve_order`).
     metrics: toml::Table,
+    /// Whether the status page may show this rule's top keys.
+    #[serde(default = "show_keys_default")]
+    show_keys: bool,
+}
+
+fn show_keys_default() -> bool {
+    true
 }
 
 /// Reads and validates a configuration file.
@@ -271,6 +281,7 @@ fn parse_with_hostname(
         return Err(invalid("rule", Problem::NoRules));
     }
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.rule.len());
+    let mut hide_keys = Vec::new();
     for (i, r) in raw.rule.into_iter().enumerate() {
         let key = |k: &str| format!("rule[{i}].{k}");
         check_identifier(&r.table).map_err(|p| invalid(&key("table"), p))?;
@@ -312,6 +323,9 @@ fn parse_with_hostname(
                 kind,
             });
         }
+        if !r.show_keys {
+            hide_keys.push(r.table.clone());
+        }
         rules.push(Rule {
             table: r.table,
             bucket,
@@ -331,6 +345,7 @@ fn parse_with_hostname(
         retain,
         max_pending_keys,
         rules,
+        hide_keys,
     })
 }
 

@@ -1,6 +1,7 @@
-//! The admin HTTP server on the `listen` address: `/metrics` (Prometheus text), `/status`
-//! (JSON), `/healthz` (the process answers) and `/readyz` (database up and flushes
-//! committing). hyper 1, HTTP/1.1, one task per connection.
+//! The admin HTTP server on the `listen` address: `/` (the status page), `/metrics`
+//! (Prometheus text), `/status` (JSON), `/healthz` (the process answers) and `/readyz`
+//! (database up and flushes committing). hyper 1, HTTP/1.1, one task per connection. While
+//! it serves, it samples the events counter into `/status` once a second (the page's chart).
 //!
 //! The listener and the shutdown future are arguments, so the daemon decides where to
 //! listen and when to stop, and tests inject both.
@@ -31,6 +32,8 @@ use crate::now_ms;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for in-flight requests before leaving them behind.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often the events counter is sampled for `events_per_second`.
+const RATE_SAMPLE: Duration = Duration::from_secs(1);
 
 /// What the handlers read: the metrics registry and the status the run loop maintains.
 #[derive(Debug, Clone)]
@@ -50,6 +53,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
         info!(%addr, "admin server listening");
     }
     tokio::pin!(shutdown);
+    let sampler = tokio::spawn(sample_events(state.clone()));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -77,9 +81,24 @@ pub async fn serve(listener: TcpListener, state: AdminState, shutdown: impl Futu
         });
     }
     drop(listener);
+    sampler.abort();
     tokio::select! {
         () = graceful.shutdown() => debug!("admin server stopped"),
         () = tokio::time::sleep(SHUTDOWN_GRACE) => warn!("admin connections still open at shutdown"),
+    }
+}
+
+/// Copies the events and decode-error counters into the status once a second.
+async fn sample_events(state: AdminState) {
+    let mut every = tokio::time::interval(RATE_SAMPLE);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let events = state.metrics.events_read.get();
+        let errors = state.metrics.decode_errors.get();
+        state
+            .status
+            .update(|s| s.sample_events(now_ms(), events, errors));
     }
 }
 
@@ -96,7 +115,7 @@ struct StatusBody<'a> {
 /// Routes one request. No clock of its own (`now_ms` is passed in); its only write is the
 /// `logtally_ready` gauge, refreshed at each scrape because readiness depends on the time.
 fn handle(state: &AdminState, method: &Method, path: &str, now_ms: u64) -> Response<Full<Bytes>> {
-    let known = matches!(path, "/metrics" | "/status" | "/healthz" | "/readyz");
+    let known = matches!(path, "/" | "/metrics" | "/status" | "/healthz" | "/readyz");
     if !known {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
@@ -107,6 +126,7 @@ fn handle(state: &AdminState, method: &Method, path: &str, now_ms: u64) -> Respo
         return resp;
     }
     match path {
+        "/" => super::page::response(),
         "/metrics" => {
             let ready = state.status.readiness(now_ms).is_ok();
             state.metrics.ready.set(i64::from(ready));
@@ -127,7 +147,8 @@ fn handle(state: &AdminState, method: &Method, path: &str, now_ms: u64) -> Respo
                 status: &status,
             };
             match serde_json::to_vec_pretty(&body) {
-                Ok(mut json) => {
+                Ok(json) => {
+                    let mut json = super::page::html_safe_json(&json);
                     json.push(b'\n');
                     let mut resp = Response::new(Full::new(Bytes::from(json)));
                     resp.headers_mut()
@@ -311,6 +332,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn root_serves_the_page_and_status_json_escapes_markup() {
+        let rule = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            "node = \"n\"\n[[rule]]\ntable = \"t\"\nbucket = \"1m\"\ngroup_by = [\"ua\"]\nmetrics = { hits = \"count\" }\n",
+        )
+        .unwrap()
+        .rules;
+        let srv = start(Status::new("n", Duration::from_secs(1), &rule, now_ms())).await;
+        let r = request(srv.addr, "GET", "/").await;
+        assert_eq!(r.code, 200);
+        assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+        assert!(r
+            .header("content-security-policy")
+            .unwrap()
+            .starts_with("default-src 'none'"));
+        assert_eq!(r.body, super::super::page::PAGE);
+
+        let markup = "<img src=x onerror=alert(1)> & co";
+        srv.state.status.update(|s| {
+            s.set_top_keys(&[crate::aggregate::RuleTop {
+                bucket_ms: Some(0),
+                keys: vec![crate::aggregate::TopKey {
+                    dims: vec![markup.into()],
+                    value: 3,
+                }],
+            }])
+        });
+        let r = request(srv.addr, "GET", "/status").await;
+        assert!(!r.body.contains(['<', '>', '&']), "{}", r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["top_keys"][0]["keys"][0]["dims"][0], markup);
+    }
+
+    #[tokio::test]
+    async fn the_events_rate_is_sampled_while_serving() {
+        let srv = start(fresh_status()).await;
+        srv.state.metrics.events_read.inc_by(5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = srv.state.status.snapshot();
+            if !s.events_per_second.is_empty() {
+                assert_eq!(s.events_read, 5);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no rate sample within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
     async fn healthz_is_ok_even_when_not_ready() {
         let srv = start(fresh_status()).await;
         let r = request(srv.addr, "GET", "/healthz").await;
@@ -363,7 +437,7 @@ mod tests {
         let srv = start(fresh_status()).await;
         assert_eq!(request(srv.addr, "GET", "/nope").await.code, 404);
         assert_eq!(request(srv.addr, "POST", "/nope").await.code, 404);
-        for path in ["/metrics", "/status", "/healthz", "/readyz"] {
+        for path in ["/", "/metrics", "/status", "/healthz", "/readyz"] {
             for method in ["POST", "PUT", "DELETE"] {
                 let r = request(srv.addr, method, path).await;
                 assert_eq!(r.code, 405, "{method} {path}");

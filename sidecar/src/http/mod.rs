@@ -1,6 +1,7 @@
 //! What the sidecar shows: the admin HTTP server and what it serves.
 //!
-//! - `admin.rs`: the server on `listen` (`/metrics`, `/status`, `/healthz`, `/readyz`);
+//! - `admin.rs`: the server on `listen` (`/`, `/metrics`, `/status`, `/healthz`, `/readyz`);
+//! - `page.rs`, `page.html`: the status page on `/` (embedded, self-contained);
 //! - `metrics.rs`: the Prometheus registry and its typed handles;
 //! - `status.rs`: the `/status` snapshot and the readiness rule (pure: callers pass `now`).
 //!
@@ -8,4 +9,5 @@
 
 pub mod admin;
 pub mod metrics;
+pub mod page;
 pub mod status;

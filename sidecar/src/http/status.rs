@@ -5,13 +5,14 @@
 //! Times are milliseconds since the Unix epoch, passed in by the caller: nothing here reads
 //! a clock, so readiness is tested with made-up times.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Config, Rule};
+use crate::aggregate::{RuleTop, TopKey};
+use crate::config::{Config, MetricKind, Rule};
 use crate::spool::tail::{self, Position};
 
 /// Everything `/status` reports. The run loop owns the truth and copies it here as it
@@ -39,8 +40,44 @@ pub struct Status {
     pub last_ok_flush_ms: Option<u64>,
     pub database: DatabaseStatus,
     pub rules: Vec<RuleStatus>,
+    /// Records read since start (the `logtally_events_read_total` counter).
+    pub events_read: u64,
+    /// Events read per second, one sample a second, oldest first, the last
+    /// [`RATE_SAMPLES`] seconds.
+    pub events_per_second: VecDeque<f64>,
+    /// Decode errors since start (the `logtally_decode_errors_total` counter).
+    pub decode_errors: u64,
+    /// Approximate memory the pending aggregates hold, bytes.
+    pub pending_bytes: u64,
+    /// The last [`RECENT_FLUSHES`] flush attempts, oldest first.
+    pub recent_flushes: VecDeque<FlushStatus>,
+    /// Per rule (same order as `rules`): the current bucket's largest keys so far.
+    pub top_keys: Vec<RuleTopStatus>,
+    /// The previous events sample (time ms, count), for the rate.
+    #[serde(skip)]
+    events_sampled: Option<(u64, u64)>,
 }
 
+/// Seconds of history `events_per_second` keeps.
+pub const RATE_SAMPLES: usize = 300;
+/// Flush attempts `recent_flushes` keeps.
+pub const RECENT_FLUSHES: usize = 10;
+/// Keys per rule `top_keys` shows.
+pub const TOP_KEYS_SHOWN: usize = 10;
+
+/// A rule's current bucket and its largest keys by its first `count` metric (committed plus
+/// pending). Field values are attacker-controlled text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleTopStatus {
+    pub table: String,
+    /// The metric column keys are ranked by; `None` when the rule has no `count` metric.
+    pub column: Option<String>,
+    /// `false` when the rule opted out (`show_keys = false`): `keys` stays empty.
+    pub shown: bool,
+    /// Start of the current bucket (ms since the epoch); `None` before any event.
+    pub bucket_ms: Option<i64>,
+    pub keys: Vec<TopKey>,
+}
 /// Read and commit position in one segment.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SegmentStatus {
@@ -141,17 +178,72 @@ impl Status {
             last_ok_flush_ms: None,
             database: DatabaseStatus::default(),
             rules: rules.iter().map(RuleStatus::from).collect(),
+            events_read: 0,
+            events_per_second: VecDeque::new(),
+            decode_errors: 0,
+            pending_bytes: 0,
+            recent_flushes: VecDeque::new(),
+            top_keys: rules
+                .iter()
+                .map(|r| RuleTopStatus {
+                    table: r.table.clone(),
+                    column: r
+                        .metrics
+                        .iter()
+                        .find(|m| m.kind == MetricKind::Count)
+                        .map(|m| m.column.clone()),
+                    shown: true,
+                    bucket_ms: None,
+                    keys: Vec::new(),
+                })
+                .collect(),
+            events_sampled: None,
         }
     }
 
     /// [`Status::new`] from a whole configuration.
     pub fn from_config(config: &Config, started_ms: u64) -> Self {
-        Status::new(
+        let mut status = Status::new(
             &config.node,
             config.flush_interval,
             &config.rules,
             started_ms,
-        )
+        );
+        for top in &mut status.top_keys {
+            top.shown = !config.hide_keys.contains(&top.table);
+        }
+        status
+    }
+
+    /// Records the events counter once a second: appends the rate since the previous
+    /// sample to `events_per_second` (dropping the oldest past [`RATE_SAMPLES`]).
+    pub fn sample_events(&mut self, now_ms: u64, events_read: u64, decode_errors: u64) {
+        if let Some((at, count)) = self.events_sampled {
+            let seconds = now_ms.saturating_sub(at) as f64 / 1000.0;
+            if seconds > 0.0 {
+                let rate = events_read.saturating_sub(count) as f64 / seconds;
+                if self.events_per_second.len() == RATE_SAMPLES {
+                    self.events_per_second.pop_front();
+                }
+                self.events_per_second
+                    .push_back((rate * 10.0).round() / 10.0);
+            }
+        }
+        self.events_sampled = Some((now_ms, events_read));
+        self.events_read = events_read;
+        self.decode_errors = decode_errors;
+    }
+
+    /// Replaces the top keys from the reader's view (one [`RuleTop`] per rule, in order);
+    /// rules that opted out keep showing nothing.
+    pub fn set_top_keys(&mut self, tops: &[RuleTop]) {
+        for (status, top) in self.top_keys.iter_mut().zip(tops) {
+            if status.shown {
+                status.bucket_ms = top.bucket_ms;
+                status.keys.clone_from(&top.keys);
+                status.keys.truncate(TOP_KEYS_SHOWN);
+            }
+        }
     }
 
     /// Records a finished flush attempt. A committed flush also proves the database up.
@@ -167,6 +259,10 @@ impl Status {
                 self.database.last_error_ms = Some(flush.at_ms);
             }
         }
+        if self.recent_flushes.len() == RECENT_FLUSHES {
+            self.recent_flushes.pop_front();
+        }
+        self.recent_flushes.push_back(flush.clone());
         self.last_flush = Some(flush);
     }
 
@@ -481,6 +577,76 @@ mod tests {
         s.sync_segments(&read[1..], &committed, &HashMap::new(), T0);
         assert_eq!(s.segments.len(), 1);
         assert_eq!(s.lag_seconds, 0.0);
+    }
+
+    #[test]
+    fn events_rate_is_per_second_and_bounded() {
+        let mut s = status();
+        s.sample_events(T0, 100, 0);
+        assert!(s.events_per_second.is_empty(), "one sample is no rate yet");
+        s.sample_events(T0 + 1_000, 150, 2);
+        s.sample_events(T0 + 3_000, 250, 2);
+        assert_eq!(s.events_per_second, [50.0, 50.0]);
+        assert_eq!((s.events_read, s.decode_errors), (250, 2));
+        for i in 0..RATE_SAMPLES as u64 {
+            s.sample_events(T0 + 4_000 + i * 1_000, 250 + i * 7, 2);
+        }
+        assert_eq!(s.events_per_second.len(), RATE_SAMPLES);
+        assert_eq!(s.events_per_second.back(), Some(&7.0));
+    }
+
+    #[test]
+    fn recent_flushes_keep_the_last_ten() {
+        let mut s = status();
+        for i in 0..15 {
+            s.record_flush(ok_flush(T0 + i));
+        }
+        assert_eq!(s.recent_flushes.len(), RECENT_FLUSHES);
+        assert_eq!(s.recent_flushes.front().unwrap().at_ms, T0 + 5);
+        assert_eq!(s.recent_flushes.back(), s.last_flush.as_ref());
+    }
+
+    #[test]
+    fn top_keys_follow_the_config_and_opted_out_rules_stay_empty() {
+        let text = r#"node = "n"
+[[rule]]
+table = "by_ua"
+bucket = "1m"
+group_by = ["ua"]
+metrics = { bytes = "sum(n)", hits = "count" }
+[[rule]]
+table = "by_user"
+bucket = "1m"
+group_by = ["uid"]
+metrics = { hits = "count" }
+show_keys = false
+"#;
+        let config = crate::config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        assert_eq!(config.hide_keys, ["by_user"]);
+        let mut s = Status::from_config(&config, T0);
+        let key = |k: &str, v| TopKey {
+            dims: vec![k.into()],
+            value: v,
+        };
+        let top = RuleTop {
+            bucket_ms: Some(T0 as i64),
+            keys: (0..12).map(|i| key(&format!("k{i}"), 20 - i)).collect(),
+        };
+        s.set_top_keys(&[top.clone(), top]);
+        let v = serde_json::to_value(&s).unwrap();
+        let by_ua = &v["top_keys"][0];
+        assert_eq!(by_ua["column"], "hits");
+        assert_eq!(by_ua["shown"], true);
+        assert_eq!(by_ua["keys"].as_array().unwrap().len(), TOP_KEYS_SHOWN);
+        assert_eq!(
+            by_ua["keys"][0],
+            serde_json::json!({"dims": ["k0"], "value": 20})
+        );
+        let by_user = &v["top_keys"][1];
+        assert_eq!(by_user["shown"], false);
+        assert_eq!(by_user["keys"], serde_json::json!([]));
+        assert_eq!(by_user["bucket_ms"], serde_json::Value::Null);
+        assert!(v.get("events_sampled").is_none());
     }
 
     #[test]

@@ -374,6 +374,8 @@ impl<D: Database> Engine<D> {
             s.pending_keys =
                 view.pending_keys as u64 + self.pending.as_ref().map_or(0, |p| p.rows());
             s.module_dropped_events = view.dropped_events;
+            s.set_top_keys(&view.top_keys);
+            s.pending_bytes = view.pending_bytes;
             self.metrics.lag_bytes.set(s.lag_bytes as i64);
             self.metrics.lag_seconds.set(s.lag_seconds);
         });

@@ -12,15 +12,16 @@ use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{oneshot, Notify};
 use tracing::{error, warn};
 
 use super::DaemonError;
-use crate::aggregate::{Aggregator, DrainedRows};
+use crate::aggregate::{Aggregator, DrainedRows, RuleTop, TopKeys};
 use crate::config::Config;
 use crate::http::metrics::Metrics;
+use crate::http::status::TOP_KEYS_SHOWN;
 use crate::spool::tail::{Position, SegmentEvent, SegmentStatus, TailStats, Tailer, TailerOptions};
 
 /// Bytes of spool one reader poll may consume before it looks at its commands again.
@@ -29,6 +30,8 @@ const POLL_BUDGET: u64 = 4 << 20;
 const SMALL_POLL_BUDGET: u64 = 64 << 10;
 /// How long the reader sleeps when the spool has nothing new.
 const IDLE_POLL: Duration = Duration::from_millis(50);
+/// How often the status page's top keys are recomputed (a scan of the current bucket).
+const TOP_KEYS_REFRESH: Duration = Duration::from_millis(500);
 
 /// Aggregates and the positions right after the records they hold.
 #[derive(Debug)]
@@ -68,6 +71,10 @@ pub(crate) struct ReaderView {
     pub oldest_ms: HashMap<String, u64>,
     pub pending_keys: usize,
     pub dropped_events: u64,
+    /// Per rule, the current bucket's largest keys (drained plus pending).
+    pub top_keys: Vec<RuleTop>,
+    /// Approximate memory of the pending aggregates.
+    pub pending_bytes: u64,
 }
 
 /// The reader thread's state.
@@ -83,6 +90,9 @@ struct Reader {
     reported_bad: Vec<Vec<u64>>,
     torn_discarded: u64,
     stopped: bool,
+    top_keys: TopKeys,
+    /// When the top keys were last computed (`None`: at the next publish).
+    top_keys_at: Option<Instant>,
 }
 
 impl Reader {
@@ -185,18 +195,32 @@ impl Reader {
             }
         }
         self.reported_bad = bad;
+        let top = match self.top_keys_at {
+            Some(at) if at.elapsed() < TOP_KEYS_REFRESH => None,
+            _ => {
+                self.top_keys_at = Some(Instant::now());
+                Some(self.top_keys.view(&self.aggregator, TOP_KEYS_SHOWN))
+            }
+        };
         let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
         view.segments = self.tailer.segments();
         view.oldest_ms.clone_from(&self.oldest_ms);
         view.pending_keys = self.aggregator.pending_keys();
         view.dropped_events = s.dropped_events;
+        if let Some(top) = top {
+            view.top_keys = top;
+            view.pending_bytes = self.aggregator.pending_bytes();
+        }
     }
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Drain { last, reply } => {
+                let rules = self.aggregator.drain_compact();
+                self.top_keys.fold(&rules);
+                self.top_keys_at = None;
                 let drained = Drained {
-                    rules: self.aggregator.drain_compact(),
+                    rules,
                     positions: self.tailer.positions(),
                     oldest_ms: std::mem::take(&mut self.oldest_ms),
                 };
@@ -234,6 +258,9 @@ impl ReaderHandle {
         let view = Arc::new(Mutex::new(ReaderView::default()));
         let full = Arc::new(Notify::new());
         let aggregator = Aggregator::new(&config.rules);
+        let top_keys = TopKeys::new(&config.rules, |i| {
+            !config.hide_keys.contains(&config.rules[i].table)
+        });
         let reader = Reader {
             tailer: Tailer::new(config.spool_dir.clone(), start, TailerOptions::default()),
             reported_bad: aggregator.bad_values(),
@@ -246,6 +273,8 @@ impl ReaderHandle {
             reported: Default::default(),
             torn_discarded: 0,
             stopped: false,
+            top_keys,
+            top_keys_at: None,
         };
         let thread = std::thread::Builder::new()
             .name("logtally-reader".into())
