@@ -48,5 +48,5 @@ cargo test --release --workspace -- "${args[@]}"
 
 if [ "${LOGTALLY_SKIP_VENDORED:-0}" != 1 ] && [ ${#args[@]} -eq 0 ]; then
   step "module tests again, against the vendored nginx 1.28 (Route B)"
-  LOGTALLY_NGINX_ROUTE=vendored cargo test --release -p logtally-e2e --test module
+  LOGTALLY_NGINX_ROUTE=vendored cargo test --release -p logtally-e2e --test suite -- module::
 fi
