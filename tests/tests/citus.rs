@@ -631,3 +631,182 @@ fn checkpoint_forms_two_phase_commit_and_the_compare_and_swap() {
     });
     cluster.start_worker(1);
 }
+
+/// A plpgsql merge function and an aggregate over it, of the kind the sidecar is to install
+/// for its quantile sketches (bucket counts added element by element).
+const HISTOGRAM_SQL: &str = "
+CREATE FUNCTION lt_hist_add(a int8[], b int8[]) RETURNS int8[]
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    r int8[];
+    n int := greatest(coalesce(array_length(a, 1), 0), coalesce(array_length(b, 1), 0));
+BEGIN
+    IF a IS NULL THEN RETURN b; END IF;
+    IF b IS NULL THEN RETURN a; END IF;
+    r := array_fill(0::int8, ARRAY[n]);
+    FOR i IN 1..n LOOP r[i] := coalesce(a[i], 0) + coalesce(b[i], 0); END LOOP;
+    RETURN r;
+END $$;
+CREATE AGGREGATE lt_hist_merge(int8[]) (
+    sfunc = lt_hist_add, stype = int8[], combinefunc = lt_hist_add, parallel = safe);
+";
+
+/// `{a,b,…}` for an array literal.
+fn pg_array(items: &[String]) -> String {
+    format!("'{{{}}}'", items.join(","))
+}
+
+#[test]
+fn hll_and_sql_functions_on_distributed_tables() {
+    require_citus!();
+    let cluster = TestCitus::start(2);
+    let db = cluster.db();
+    // postgresql-15-hll is installed on every node; the extension is created on the
+    // coordinator only and Citus creates it on the workers.
+    db.execute("CREATE EXTENSION hll");
+    for w in 0..cluster.worker_count() {
+        let found = cluster
+            .worker_db(w)
+            .query("SELECT extversion FROM pg_extension WHERE extname = 'hll'")
+            .unwrap();
+        assert_eq!(found.len(), 1, "hll on worker {w}");
+    }
+
+    // Distinct users per ad: the truth is a raw table of (ad, uid) the test fills.
+    db.execute(
+        "CREATE TABLE raw_uid (ad text NOT NULL, uid text NOT NULL, part int NOT NULL); \
+         INSERT INTO raw_uid SELECT (i % 20)::text, 'u' || (i * 7919 % 5003), i % 3 \
+         FROM generate_series(1, 30000) i",
+    );
+    db.execute(
+        "CREATE TABLE ad_reach (bucket timestamptz NOT NULL, ad text NOT NULL, \
+         reach hll NOT NULL, PRIMARY KEY (bucket, ad)); \
+         SELECT create_distributed_table('ad_reach', 'ad')",
+    );
+    // Three flushes, each a third of the values, as three sidecars would send them: arrays
+    // unnested into an additive upsert that unions the sketches.
+    for part in 0..3 {
+        let rows = db
+            .query(&format!(
+                "SELECT ad, substr(hll_add_agg(hll_hash_text(uid))::text, 3) \
+                 FROM raw_uid WHERE part = {part} GROUP BY ad"
+            ))
+            .unwrap();
+        let ads: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        let sketches: Vec<String> = rows.iter().map(|r| r.get::<_, String>(1)).collect();
+        let buckets = vec!["2025-11-28".to_string(); ads.len()];
+        db.execute(&format!(
+            "INSERT INTO ad_reach AS cur (bucket, ad, reach) \
+             SELECT b, a, ('\\x' || h)::hll FROM unnest({}::timestamptz[], {}::text[], {}::text[]) \
+             AS u(b, a, h) ON CONFLICT (bucket, ad) DO UPDATE SET reach = hll_union(cur.reach, excluded.reach)",
+            pg_array(&buckets),
+            pg_array(&ads),
+            pg_array(&sketches)
+        ));
+    }
+    // Per ad the merged sketch is byte for byte the one built over all its values at once.
+    let equal: i64 = db
+        .query(
+            "SELECT count(*) FROM ad_reach r JOIN (SELECT ad, hll_add_agg(hll_hash_text(uid)) h \
+             FROM raw_uid GROUP BY ad) t USING (ad) WHERE r.reach = t.h",
+        )
+        .unwrap()[0]
+        .get(0);
+    assert_eq!(equal, 20, "ads whose distributed sketch equals the raw one");
+    // Across shards hll_union_agg is aggregated partially on the workers.
+    let same: bool = db
+        .query(
+            "WITH d AS (SELECT hll_union_agg(reach) h FROM ad_reach), \
+             r AS (SELECT hll_add_agg(hll_hash_text(uid)) h FROM raw_uid) \
+             SELECT d.h = r.h FROM d, r",
+        )
+        .unwrap()[0]
+        .get(0);
+    assert!(same, "union over all shards = sketch of all values");
+
+    // A plpgsql function and an aggregate created on the coordinator are created on the
+    // workers too (citus.create_object_propagation = immediate), so an upsert that calls it
+    // runs on the shards, and the aggregate with a combine function runs partly on them.
+    db.execute(HISTOGRAM_SQL);
+    db.execute(
+        "CREATE TABLE ep_rt (bucket timestamptz NOT NULL, ep text NOT NULL, \
+         rt int8[] NOT NULL, PRIMARY KEY (bucket, ep)); \
+         SELECT create_distributed_table('ep_rt', 'ep')",
+    );
+    let mut want: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    for _flush in 0..4 {
+        let mut eps = Vec::new();
+        let mut hists = Vec::new();
+        for e in 0..10 {
+            let ep = format!("/api/{e}");
+            let hist: Vec<i64> = (0..rng.gen_range(1..8))
+                .map(|_| rng.gen_range(0..100))
+                .collect();
+            let sum = want.entry(ep.clone()).or_default();
+            sum.resize(sum.len().max(hist.len()), 0);
+            for (s, h) in sum.iter_mut().zip(&hist) {
+                *s += h;
+            }
+            let text: Vec<String> = hist.iter().map(|v| v.to_string()).collect();
+            hists.push(format!("\"{{{}}}\"", text.join(",")));
+            eps.push(ep);
+        }
+        let buckets = vec!["2025-11-28".to_string(); eps.len()];
+        db.execute(&format!(
+            "INSERT INTO ep_rt AS cur (bucket, ep, rt) \
+             SELECT b, e, r::int8[] FROM unnest({}::timestamptz[], {}::text[], {}::text[]) \
+             AS u(b, e, r) \
+             ON CONFLICT (bucket, ep) DO UPDATE SET rt = lt_hist_add(cur.rt, excluded.rt)",
+            pg_array(&buckets),
+            pg_array(&eps),
+            pg_array(&hists)
+        ));
+    }
+    let got: BTreeMap<String, Vec<i64>> = db
+        .query("SELECT ep, rt FROM ep_rt")
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(got, want);
+    let mut all = Vec::<i64>::new();
+    for h in want.values() {
+        all.resize(all.len().max(h.len()), 0);
+        for (a, v) in all.iter_mut().zip(h) {
+            *a += v;
+        }
+    }
+    let merged: Vec<i64> = db.query("SELECT lt_hist_merge(rt) FROM ep_rt").unwrap()[0].get(0);
+    assert_eq!(merged, all);
+    let plan: Vec<String> = db
+        .query("EXPLAIN (VERBOSE) SELECT lt_hist_merge(rt) FROM ep_rt")
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter().any(|l| l.contains("worker_partial_agg")),
+        "{plan:#?}"
+    );
+
+    // Created with propagation off (or before Citus was there), a function is missing on the
+    // workers: the upsert fails naming it, until create_distributed_function sends it.
+    db.execute(
+        "SET citus.enable_ddl_propagation = off; \
+         CREATE FUNCTION lt_hist_add2(a int8[], b int8[]) RETURNS int8[] \
+         LANGUAGE sql IMMUTABLE AS 'SELECT lt_hist_add(a, b)'",
+    );
+    let upsert = "INSERT INTO ep_rt AS cur VALUES ('2025-11-28', '/api/0', '{1}') \
+                  ON CONFLICT (bucket, ep) DO UPDATE SET rt = lt_hist_add2(cur.rt, excluded.rt)";
+    let err = db.try_execute(upsert).unwrap_err();
+    let message = err.as_db_error().map(|d| d.message().to_string());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("lt_hist_add2") && m.contains("does not exist")),
+        "{err:?}"
+    );
+    db.execute("SELECT create_distributed_function('lt_hist_add2(int8[], int8[])')");
+    db.execute(upsert);
+}
