@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use logtally::store::{checkpoint_table, create_sql, rule_table};
@@ -98,6 +98,22 @@ fn send(addr: SocketAddr, reqs: &[Req], threads: usize, sent: &AtomicUsize) {
             });
         }
     });
+}
+
+/// Sends rounds of 1,000 requests to `addr` until `stop` is set; returns what it sent.
+fn send_until(addr: SocketAddr, seed: u64, stop: &AtomicBool) -> Vec<Req> {
+    let sent = AtomicUsize::new(0);
+    let mut all = Vec::new();
+    for round in 0.. {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let part = workload(1_000, seed + round);
+        send(addr, &part, 1, &sent);
+        all.extend(part);
+    }
+    assert_eq!(sent.load(Ordering::Relaxed), all.len());
+    all
 }
 
 /// Waits (at most `limit`) until `cond` holds; panics naming `what`.
@@ -809,4 +825,190 @@ fn hll_and_sql_functions_on_distributed_tables() {
     );
     db.execute("SELECT create_distributed_function('lt_hist_add2(int8[], int8[])')");
     db.execute(upsert);
+}
+
+#[test]
+fn backends_killed_on_coordinator_and_workers_mid_flush_count_nothing_twice() {
+    require_citus!();
+    let cluster = TestCitus::start(2);
+    let db = cluster.db();
+    create_tables(&db, DISTRIBUTE_BY);
+    let pairs: Vec<Pair> = (0..2)
+        .map(|i| Pair::start(&cluster.url(), &format!("edge-{i}"), 1))
+        .collect();
+    let stop = AtomicBool::new(false);
+    // Persistent sessions: the coordinator, then each worker.
+    let mut nodes = vec![Session::open(&cluster.url())];
+    nodes.extend((0..cluster.worker_count()).map(|w| Session::open(&cluster.worker_url(w))));
+    // On the coordinator the sidecars' own backends; on a worker the coordinator's
+    // connections (Citus names them `citus_internal gpid=…`) inside a transaction.
+    let victims = [
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'logtally' AND xact_start IS NOT NULL",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name LIKE 'citus_internal gpid=%' AND xact_start IS NOT NULL \
+         AND pid <> pg_backend_pid()",
+    ];
+    let mut killed = [0usize; 3];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let reqs: Vec<Req> = std::thread::scope(|s| {
+        let loads: Vec<_> = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (addr, stop) = (p.nginx.addr(), &stop);
+                s.spawn(move || send_until(addr, 100 * i as u64, stop))
+            })
+            .collect();
+        // The coordinator and a worker by turns, until ten of each landed or the load ends.
+        // A worker's part of a flush lasts milliseconds: once the coordinator shows a flush
+        // open, ask the worker again and again for a while.
+        let mut turn = 0;
+        while Instant::now() < deadline && (killed[0] < 10 || killed[1] + killed[2] < 10) {
+            turn += 1;
+            let node = if turn % 2 == 0 {
+                0
+            } else {
+                rng.gen_range(1..nodes.len())
+            };
+            if node > 0 {
+                let open = nodes[0]
+                    .query(
+                        "SELECT 1 FROM pg_stat_activity \
+                         WHERE application_name = 'logtally' AND xact_start IS NOT NULL",
+                    )
+                    .map(|r| !r.is_empty())
+                    .unwrap_or(false);
+                let until = Instant::now() + Duration::from_millis(300);
+                while open && Instant::now() < until {
+                    let hit = nodes[node].query(victims[1]).map(|r| r.len()).unwrap_or(0);
+                    killed[node] += hit;
+                    if hit > 0 {
+                        break;
+                    }
+                }
+            } else if let Ok(rows) = nodes[0].query(victims[0]) {
+                killed[0] += rows.len();
+            }
+            std::thread::sleep(Duration::from_millis(rng.gen_range(10..80)));
+        }
+        stop.store(true, Ordering::Relaxed);
+        loads.into_iter().flat_map(|l| l.join().unwrap()).collect()
+    });
+    assert!(
+        killed[0] >= 5,
+        "coordinator backends terminated: {killed:?}"
+    );
+    assert!(
+        killed[1] + killed[2] >= 5,
+        "worker backends terminated: {killed:?}"
+    );
+    let waited = Instant::now();
+    wait_for_totals(&db, &expected(&reqs), Duration::from_secs(240), &|| {
+        format!("{}\n{}", pair_logs(&pairs), cluster.server_logs())
+    });
+    let log = pair_logs(&pairs);
+    eprintln!(
+        "{} requests; terminated backends (coordinator, worker 0, worker 1): {killed:?}; \
+         {} flushes failed; \
+         {} retries found their batch committed; exact {:.1} s after the load",
+        reqs.len(),
+        log.matches("flush failed").count(),
+        log.matches("had committed").count(),
+        waited.elapsed().as_secs_f64()
+    );
+    for p in pairs {
+        assert!(p.sidecar.terminate().success());
+    }
+}
+
+#[test]
+fn coordinator_backends_killed_9_mid_commit_count_nothing_twice() {
+    require_citus!();
+    let cluster = TestCitus::start(2);
+    let db = cluster.db();
+    create_tables(&db, DISTRIBUTE_BY);
+    let pairs: Vec<Pair> = (0..2)
+        .map(|i| Pair::start(&cluster.url(), &format!("edge-{i}"), 1))
+        .collect();
+    let stop = AtomicBool::new(false);
+    let mut kills = Vec::new();
+    let reqs: Vec<Req> = std::thread::scope(|s| {
+        let loads: Vec<_> = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (addr, stop) = (p.nginx.addr(), &stop);
+                s.spawn(move || send_until(addr, 1_000 + 100 * i as u64, stop))
+            })
+            .collect();
+        // SIGKILL a sidecar's coordinator backend while it runs COMMIT, i.e. inside the
+        // two-phase commit: the coordinator crashes and restarts (all its backends go), and
+        // the workers' prepared transactions are resolved by its commit record.
+        for _ in 0..3 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let pid = loop {
+                assert!(Instant::now() < deadline, "no COMMIT seen in 60 s");
+                let Ok(watch) = std::panic::catch_unwind(|| Session::open(&cluster.url())) else {
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                };
+                let found = (0..20_000).find_map(|_| {
+                    watch
+                        .query(
+                            "SELECT pid FROM pg_stat_activity WHERE application_name = \
+                             'logtally' AND state = 'active' AND query = 'COMMIT'",
+                        )
+                        .ok()?
+                        .first()
+                        .map(|r| r.get::<_, i32>(0))
+                });
+                if let Some(pid) = found {
+                    break pid;
+                }
+            };
+            assert!(logtally_e2e::nginx::send_signal(pid, 9), "kill -9 {pid}");
+            kills.push(pid);
+            // Let the sidecars find the restarted coordinator and commit again.
+            let ok = |p: &Pair| p.metric("logtally_flushes_total{outcome=\"ok\"}");
+            let before: Vec<f64> = pairs.iter().map(ok).collect();
+            wait_until(Duration::from_secs(60), "flushes after the crash", || {
+                pairs.iter().zip(&before).all(|(p, b)| ok(p) > *b)
+            });
+        }
+        stop.store(true, Ordering::Relaxed);
+        loads.into_iter().flat_map(|l| l.join().unwrap()).collect()
+    });
+    let waited = Instant::now();
+    wait_for_totals(&db, &expected(&reqs), Duration::from_secs(240), &|| {
+        format!("{}\n{}", pair_logs(&pairs), cluster.server_logs())
+    });
+    let exact_after = waited.elapsed();
+    let prepared = |w: usize| -> i64 {
+        cluster
+            .worker_db(w)
+            .query("SELECT count(*) FROM pg_prepared_xacts")
+            .unwrap()[0]
+            .get(0)
+    };
+    wait_until(
+        Duration::from_secs(120),
+        "no prepared transactions left",
+        || (0..cluster.worker_count()).all(|w| prepared(w) == 0),
+    );
+    let log = pair_logs(&pairs);
+    eprintln!(
+        "{} requests; coordinator backends killed -9 mid-COMMIT: {kills:?}; {} flushes failed; \
+         {} retries found their batch committed; exact {:.1} s after the load, no prepared \
+         transaction left after {:.1} s",
+        reqs.len(),
+        log.matches("flush failed").count(),
+        log.matches("had committed").count(),
+        exact_after.as_secs_f64(),
+        waited.elapsed().as_secs_f64()
+    );
+    for p in pairs {
+        assert!(p.sidecar.terminate().success());
+    }
 }
