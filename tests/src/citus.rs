@@ -137,19 +137,29 @@ impl TestCitus {
         self.workers.len() - 1
     }
 
+    /// Every node's whole server log: `("coordinator", …)`, then `("worker 0", …)`, ….
+    pub fn node_logs(&self) -> Vec<(String, String)> {
+        let mut out = vec![(
+            "coordinator".to_string(),
+            server_log(&self.coordinator).unwrap_or_default(),
+        )];
+        for (i, w) in self.workers.iter().enumerate() {
+            out.push((format!("worker {i}"), server_log(w).unwrap_or_default()));
+        }
+        out
+    }
+
     /// The end of every node's server log, for failure messages.
     pub fn server_logs(&self) -> String {
-        let tail = |name: String, pg: &TestPostgres| {
-            let log = server_log(pg).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
-            let from = lines.len().saturating_sub(40);
-            format!("--- {name} server.log ---\n{}", lines[from..].join("\n"))
-        };
-        let mut out = vec![tail("coordinator".into(), &self.coordinator)];
-        for (i, w) in self.workers.iter().enumerate() {
-            out.push(tail(format!("worker {i}"), w));
-        }
-        out.join("\n")
+        self.node_logs()
+            .into_iter()
+            .map(|(name, log)| {
+                let lines: Vec<&str> = log.lines().collect();
+                let from = lines.len().saturating_sub(40);
+                format!("--- {name} server.log ---\n{}", lines[from..].join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
