@@ -1163,9 +1163,26 @@ fn bench_flush_throughput_one_postgres_vs_citus() {
         .build()
         .unwrap();
     let pg_url = rt.block_on(pg.create_database_named("logtally"));
+    // Citus as it comes, then two settings a sidecar can pass in its URL (`options`): fewer
+    // connections per worker, kept open across flushes (fewer PREPAREs, no reconnects); and
+    // one connection per worker taking the shards in order.
+    let with = |opts: &str| {
+        let encoded = opts.replace(' ', "%20").replace('=', "%3D");
+        format!("{}&options={encoded}", cluster.url())
+    };
     let targets = [
         ("one PostgreSQL", pg_url),
         ("Citus, 2 workers", cluster.url()),
+        (
+            "Citus, pool 4 cached",
+            with(
+                "-c citus.max_adaptive_executor_pool_size=4 -c citus.max_cached_conns_per_worker=4",
+            ),
+        ),
+        (
+            "Citus, sequential",
+            with("-c citus.multi_shard_modify_mode=sequential"),
+        ),
     ];
     let mut cases = Vec::new();
     for (t, (_, url)) in targets.iter().enumerate() {
@@ -1276,5 +1293,89 @@ fn bench_flush_throughput_one_postgres_vs_citus() {
                 println!("  {node:12} {kind:30} {n:4} × {:9.1} ms", ms);
             }
         }
+    }
+}
+
+#[test]
+fn a_worker_added_and_shards_rebalanced_under_load_count_exactly() {
+    require_citus!();
+    let (mut cluster, db, pairs) = cluster_with_edges(2);
+    let stop = AtomicBool::new(false);
+    let ok = |p: &Pair| p.metric("logtally_flushes_total{outcome=\"ok\"}");
+    let started = Instant::now();
+    let (reqs, rebalance) = std::thread::scope(|s| {
+        let loads: Vec<_> = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (addr, stop) = (p.nginx.addr(), &stop);
+                s.spawn(move || send_until(addr, 2_000 + 100 * i as u64, stop))
+            })
+            .collect();
+        wait_until(Duration::from_secs(60), "flushes before the move", || {
+            pairs.iter().all(|p| ok(p) >= 3.0)
+        });
+        // What an operator runs: a new worker (PostgreSQL with Citus, the database, the
+        // extension), citus_add_node, then a background rebalance. Shards move by logical
+        // replication while the sidecars keep writing.
+        let new = cluster.add_worker();
+        let began = Instant::now();
+        db.execute("SELECT citus_rebalance_start()");
+        let mut state = String::new();
+        wait_until(Duration::from_secs(600), "the rebalance to finish", || {
+            state = db
+                .query(
+                    "SELECT state::text FROM citus_rebalance_status() ORDER BY job_id DESC LIMIT 1",
+                )
+                .ok()
+                .and_then(|r| r.first().map(|r| r.get(0)))
+                .unwrap_or_default();
+            assert!(
+                !state.starts_with("fail") && state != "cancelled",
+                "rebalance {state}"
+            );
+            state == "finished"
+        });
+        let took = began.elapsed();
+        // The sidecars go on committing after the move.
+        let before: Vec<f64> = pairs.iter().map(ok).collect();
+        wait_until(Duration::from_secs(60), "flushes after the move", || {
+            pairs.iter().zip(&before).all(|(p, b)| ok(p) > *b + 2.0)
+        });
+        stop.store(true, Ordering::Relaxed);
+        let reqs: Vec<Req> = loads.into_iter().flat_map(|l| l.join().unwrap()).collect();
+        (reqs, (new, took))
+    });
+    wait_for_totals(&db, &expected(&reqs), Duration::from_secs(120), &|| {
+        format!("{}\n{}", pair_logs(&pairs), cluster.server_logs())
+    });
+    let (new, took) = rebalance;
+    let per_worker = events_per_worker(&db);
+    let new_port = i32::from(cluster.worker_port(new));
+    assert_eq!(per_worker.len(), 3, "{per_worker:?}");
+    assert!(
+        per_worker.get(&new_port).is_some_and(|&n| n > 0),
+        "{per_worker:?}"
+    );
+    assert_eq!(per_worker.values().sum::<i64>(), reqs.len() as i64);
+    let shards = db
+        .query(
+            "SELECT nodeport, count(*)::bigint FROM citus_shards \
+             WHERE table_name = 'ad_events_1m'::regclass GROUP BY 1 ORDER BY 1",
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
+        .collect::<Vec<_>>();
+    eprintln!(
+        "{} requests over {:.0} s; rebalance onto worker {new} took {:.1} s; shards per port \
+         {shards:?}; events per port {per_worker:?}; {}",
+        reqs.len(),
+        started.elapsed().as_secs_f64(),
+        took.as_secs_f64(),
+        retry_summary(&pairs)
+    );
+    for p in pairs {
+        assert!(p.sidecar.terminate().success());
     }
 }
