@@ -36,24 +36,47 @@ macro_rules! require_citus {
 /// The `group_by` column the tests distribute on.
 const DISTRIBUTE_BY: &str = "ad";
 
-/// Creates the rule tables and the checkpoint table as `distribute_by` is to: the sidecar's
-/// own `CREATE TABLE`, then each rule table distributed on `column` and the checkpoint table
-/// made a coordinator-local Citus table.
-fn create_tables(db: &Db, column: &str) {
+/// The SQL `distribute_by` is to run when the sidecar starts on a Citus coordinator
+/// (docs/scaling.md): one transaction, serialized between sidecars by an advisory lock, that
+/// creates what is missing with the sidecar's own `CREATE TABLE`, distributes each rule
+/// table on `column` and makes the checkpoint table a coordinator-local Citus table, each
+/// only if Citus does not hold it yet. Run twice, or by two sidecars at once, it does the
+/// work once.
+fn distribute_by_sql(rules: &str, column: &str) -> String {
     let config = logtally::config::parse(
         Path::new("citus-test.toml"),
-        &format!("database_url = \"{}\"\n{RULE}", db.url()),
+        &format!("database_url = \"postgres://x@127.0.0.1/x\"\n{rules}"),
     )
     .unwrap();
+    let unless_held = |table: &str, call: String| {
+        format!(
+            "SELECT {call} WHERE NOT EXISTS (SELECT 1 FROM pg_dist_partition \
+             WHERE logicalrelid = '\"{table}\"'::regclass)"
+        )
+    };
+    let mut sql = vec![
+        "BEGIN".to_string(),
+        "SELECT pg_advisory_xact_lock(hashtextextended('logtally_ddl', 0))".to_string(),
+    ];
     for rule in &config.rules {
-        db.execute(&create_sql(&rule_table(rule)));
-        db.execute(&format!(
-            "SELECT create_distributed_table('{}', '{column}')",
-            rule.table
+        sql.push(create_sql(&rule_table(rule)));
+        sql.push(unless_held(
+            &rule.table,
+            format!("create_distributed_table('\"{}\"', '{column}')", rule.table),
         ));
     }
-    db.execute(&create_sql(&checkpoint_table()));
-    db.execute("SELECT citus_add_local_table_to_metadata('logtally_checkpoint')");
+    sql.push(create_sql(&checkpoint_table()));
+    sql.push(unless_held(
+        "logtally_checkpoint",
+        "citus_add_local_table_to_metadata('\"logtally_checkpoint\"')".to_string(),
+    ));
+    sql.push("COMMIT".to_string());
+    sql.join(";\n")
+}
+
+/// Creates the tables as `distribute_by` is to.
+fn create_tables(db: &Db, column: &str) {
+    db.execute(&distribute_by_sql(RULE, column));
 }
 
 /// `count` requests over 300 ads × 3 event types (900 keys a minute, spread over the shards).
@@ -1378,4 +1401,103 @@ fn a_worker_added_and_shards_rebalanced_under_load_count_exactly() {
     for p in pairs {
         assert!(p.sidecar.terminate().success());
     }
+}
+
+/// Two rules distributed on the same column: co-located rollups.
+const TWO_RULES: &str = r#"
+[[rule]]
+table = "ad_events_1m"
+bucket = "1m"
+group_by = ["ad", "ev"]
+metrics = { events = "count", n_sum = "sum(n)", n_min = "min(n)", n_max = "max(n)" }
+
+[[rule]]
+table = "ad_daily"
+bucket = "1d"
+group_by = ["ad"]
+metrics = { events = "count" }
+"#;
+
+#[test]
+fn the_distribute_by_sql_is_idempotent_race_free_and_co_locates_rollups() {
+    require_citus!();
+    let cluster = TestCitus::start(2);
+    let db = cluster.db();
+    let sql = distribute_by_sql(TWO_RULES, "ad");
+    // Two sidecars starting at the same moment, then one restarting.
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            let (url, sql) = (cluster.url(), &sql);
+            s.spawn(move || Db::connect(&url).execute(sql));
+        }
+    });
+    db.execute(&sql);
+    for table in ["ad_events_1m", "ad_daily"] {
+        let d = distribution(&db, table).unwrap();
+        assert_eq!(
+            (d.method, d.column.as_deref()),
+            ('h', Some("ad")),
+            "{table}"
+        );
+    }
+    let c = distribution(&db, "logtally_checkpoint").unwrap();
+    assert_eq!((c.method, c.replication, c.column), ('n', 's', None));
+    // Same column type, same shard count: one co-location group, so a rollup from the
+    // minute table into the daily one runs shard by shard on the workers.
+    let groups: i64 = db
+        .query(
+            "SELECT count(DISTINCT colocationid) FROM pg_dist_partition \
+             WHERE logicalrelid IN ('ad_events_1m'::regclass, 'ad_daily'::regclass)",
+        )
+        .unwrap()[0]
+        .get(0);
+    assert_eq!(groups, 1);
+    let plan: Vec<String> = db
+        .query(
+            "EXPLAIN INSERT INTO ad_daily AS cur (bucket, ad, events) \
+             SELECT date_trunc('day', bucket, 'UTC'), ad, sum(events) FROM ad_events_1m \
+             GROUP BY 1, 2 ON CONFLICT (bucket, ad) DO UPDATE SET events = cur.events + excluded.events",
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter().any(|l| l.contains("Task Count: 32"))
+            && !plan.iter().any(|l| l.contains("INSERT/SELECT method")),
+        "rollup not pushed down to the shards:\n{}",
+        plan.join("\n")
+    );
+    // Today's sidecar accepts the tables and flushes into both.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = cluster.url();
+    rt.block_on(async {
+        let config = logtally::config::parse(
+            Path::new("citus-ddl.toml"),
+            &format!("database_url = \"{url}\"\nnode = \"ddl\"\n{TWO_RULES}"),
+        )
+        .unwrap();
+        let mut store = logtally::store::Store::connect(&config).await.unwrap();
+        let mut rows = one_row("7");
+        rows.push(logtally::aggregate::RuleRows {
+            rule: 1,
+            rows: vec![logtally::aggregate::Row {
+                bucket_ms: 1_764_288_000_000,
+                dims: vec!["7".to_string()],
+                metrics: vec![logtally::aggregate::MetricValue::Count(1)],
+            }],
+        });
+        store
+            .flush(&rows, &[position("s1", 1)], &Default::default())
+            .await
+            .unwrap();
+    });
+    let n: i64 = db
+        .query("SELECT (SELECT sum(events) FROM ad_events_1m)::bigint + (SELECT sum(events) FROM ad_daily)::bigint")
+        .unwrap()[0]
+        .get(0);
+    assert_eq!(n, 2);
 }
