@@ -2,6 +2,8 @@
 //! real Prometheus and the real `logtally` binary, each checked to be built from the current
 //! sources before it runs.
 pub mod browser;
+pub mod citus;
+pub mod edge;
 pub mod freshness;
 pub mod nginx;
 pub mod postgres;

@@ -40,6 +40,8 @@ struct Private {
     /// Run the PostgreSQL programs as `postgres` (we are root).
     as_postgres: bool,
     bin_dir: Option<PathBuf>,
+    /// Extra `-c name=value` server settings (e.g. `shared_preload_libraries=citus`).
+    settings: Vec<String>,
     running: bool,
 }
 
@@ -65,6 +67,18 @@ fn find_bin_dir() -> Option<PathBuf> {
     versions.pop()
 }
 
+/// The path of a PostgreSQL server program (`initdb`, `pg_config`, …) as the harness runs it.
+pub fn server_program(name: &str) -> PathBuf {
+    program_in(find_bin_dir().as_deref(), name)
+}
+
+fn program_in(bin_dir: Option<&std::path::Path>, name: &str) -> PathBuf {
+    match bin_dir {
+        Some(b) => b.join(name),
+        None => PathBuf::from(name),
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -83,6 +97,12 @@ impl TestPostgres {
                 };
             }
         }
+        TestPostgres::start_private(&[])
+    }
+
+    /// Starts a private server (never `TEST_DATABASE_URL`) with extra server settings, each
+    /// `name=value` as for `postgres -c`.
+    pub fn start_private(settings: &[&str]) -> TestPostgres {
         let dir = tempfile::Builder::new()
             .prefix("logtally-pg-")
             .tempdir()
@@ -97,6 +117,7 @@ impl TestPostgres {
             port: 0,
             as_postgres,
             bin_dir: find_bin_dir(),
+            settings: settings.iter().map(|s| s.to_string()).collect(),
             running: false,
         };
         let data = private.data_dir();
@@ -157,6 +178,11 @@ impl TestPostgres {
             std::process::id(),
             NEXT_DB.fetch_add(1, Ordering::Relaxed)
         );
+        self.create_database_named(&name).await
+    }
+
+    /// Creates database `name` (dropping one of that name first) and returns its URL.
+    pub async fn create_database_named(&self, name: &str) -> String {
         let admin_url = match &self.server {
             Server::External { url } => url.clone(),
             Server::Private(_) => self.url("postgres"),
@@ -175,7 +201,7 @@ impl TestPostgres {
             .expect("create database");
         drop(client);
         let _ = task.await;
-        self.url(&name)
+        self.url(name)
     }
 
     /// Stops a private server (fast shutdown), keeping its data and port.
@@ -207,10 +233,7 @@ impl Private {
     }
 
     fn command(&self, program: &str) -> Command {
-        let program = match &self.bin_dir {
-            Some(b) => b.join(program),
-            None => PathBuf::from(program),
-        };
+        let program = program_in(self.bin_dir.as_deref(), program);
         if self.as_postgres {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(program);
@@ -223,11 +246,15 @@ impl Private {
     fn pg_ctl_start(&mut self) -> Result<(), String> {
         let data = self.data_dir();
         let log = self.dir.path().join("server.log");
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on -c max_connections=200",
             self.port,
             data.display()
         );
+        for s in &self.settings {
+            options.push_str(" -c ");
+            options.push_str(s);
+        }
         let out = self
             .command("pg_ctl")
             .args([

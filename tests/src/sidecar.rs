@@ -169,12 +169,21 @@ pub struct Db {
 impl Db {
     /// Creates a fresh database in `pg`.
     pub fn create(pg: &TestPostgres) -> Db {
+        let mut db = Db::connect("");
+        db.url = db.rt.block_on(pg.create_database());
+        db
+    }
+
+    /// A facade for the existing database at `url`.
+    pub fn connect(url: &str) -> Db {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let url = rt.block_on(pg.create_database());
-        Db { rt, url }
+        Db {
+            rt,
+            url: url.to_string(),
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -195,12 +204,19 @@ impl Db {
 
     /// Runs SQL statements on a new connection; panics on error.
     pub fn execute(&self, sql: &str) {
+        self.try_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+
+    /// Runs SQL statements on a new connection.
+    pub fn try_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
         self.rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            client.batch_execute(sql).await.unwrap();
+            let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
+            let task = tokio::spawn(conn);
+            let result = client.batch_execute(sql).await;
+            drop(client);
+            let _ = task.await;
+            result
         })
     }
 }
