@@ -27,5 +27,6 @@ pub use checkpoint::{CheckpointEntry, FlushOutcome};
 pub use error::StoreError;
 pub use numeric::SqlNumeric;
 pub use rows::UpsertRows;
-pub use schema::{ShapeDifference, TableMismatch};
+pub use schema::{checkpoint_table, rule_table, ShapeDifference, TableMismatch};
+pub use sql::create_sql;
 pub use store::{check, Store, TableState};

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use logtally::store::{checkpoint_table, create_sql, rule_table};
+use logtally::db::{checkpoint_table, create_sql, rule_table};
 use logtally_e2e::citus::{citus_missing, distribution, Session, TestCitus};
 use logtally_e2e::edge::{
     expected, pair_logs, totals, wait_for_totals, Pair, Req, Totals, EVS, RULE,
@@ -555,8 +555,8 @@ fn one_row(ad: &str) -> Vec<logtally::aggregate::RuleRows> {
     }]
 }
 
-fn position(segment: &str, offset: u64) -> logtally::store::CheckpointEntry {
-    logtally::store::CheckpointEntry {
+fn position(segment: &str, offset: u64) -> logtally::db::CheckpointEntry {
+    logtally::db::CheckpointEntry {
         segment: segment.to_string(),
         offset,
         finished: false,
@@ -565,7 +565,7 @@ fn position(segment: &str, offset: u64) -> logtally::store::CheckpointEntry {
 
 #[test]
 fn checkpoint_forms_two_phase_commit_and_the_compare_and_swap() {
-    use logtally::store::{FlushOutcome, Store, StoreError};
+    use logtally::db::{FlushOutcome, Store, StoreError};
     use std::collections::HashMap;
     require_citus!();
     let mut cluster = TestCitus::start(2);
@@ -1117,10 +1117,10 @@ const BENCH_ROUNDS: usize = 5;
 
 /// A sidecar's store in the benchmark, with what it committed last.
 struct BenchSidecar {
-    store: logtally::store::Store,
+    store: logtally::db::Store,
     config: logtally::config::Config,
     index: usize,
-    previous: std::collections::HashMap<String, logtally::store::CheckpointEntry>,
+    previous: std::collections::HashMap<String, logtally::db::CheckpointEntry>,
     flushes: u64,
     retries: u64,
 }
@@ -1149,7 +1149,7 @@ impl BenchSidecar {
             &format!("database_url = \"{url}\"\nnode = \"{node}\"\n{RULE}"),
         )
         .unwrap();
-        let store = logtally::store::Store::connect(&config).await.unwrap();
+        let store = logtally::db::Store::connect(&config).await.unwrap();
         BenchSidecar {
             store,
             config,
@@ -1169,7 +1169,7 @@ impl BenchSidecar {
                 Ok(_) => break,
                 Err(e) if e.is_transient() => {
                     self.retries += 1;
-                    self.store = logtally::store::Store::connect(&self.config).await.unwrap();
+                    self.store = logtally::db::Store::connect(&self.config).await.unwrap();
                 }
                 Err(e) => panic!("flush: {e}"),
             }
@@ -1559,7 +1559,7 @@ fn the_distribute_by_sql_is_idempotent_race_free_and_co_locates_rollups() {
             &format!("database_url = \"{url}\"\nnode = \"ddl\"\n{TWO_RULES}"),
         )
         .unwrap();
-        let mut store = logtally::store::Store::connect(&config).await.unwrap();
+        let mut store = logtally::db::Store::connect(&config).await.unwrap();
         let mut rows = one_row("7");
         rows.push(logtally::aggregate::RuleRows {
             rule: 1,
