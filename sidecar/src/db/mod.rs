@@ -24,7 +24,7 @@ mod tests;
 #[cfg(test)]
 pub(crate) use checkpoint::{compare_checkpoint, CheckpointState};
 pub use checkpoint::{CheckpointEntry, FlushOutcome};
-pub use error::StoreError;
+pub use error::{server_message, ErrorClass, FailureLog, StoreError};
 pub use numeric::SqlNumeric;
 pub use rows::UpsertRows;
 pub use schema::{ShapeDifference, TableMismatch};

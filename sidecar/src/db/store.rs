@@ -49,9 +49,8 @@ pub fn describe_target(url: &str) -> String {
 
 async fn connect_client(url: &str) -> Result<(Client, JoinHandle<()>), StoreError> {
     let target = describe_target(url);
-    let mut cfg: tokio_postgres::Config = url
-        .parse()
-        .map_err(|source| StoreError::BadUrl { source })?;
+    let mut cfg: tokio_postgres::Config =
+        url.parse().map_err(|error| StoreError::BadUrl { error })?;
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -62,7 +61,7 @@ async fn connect_client(url: &str) -> Result<(Client, JoinHandle<()>), StoreErro
             target: target.clone(),
             after: CONNECT_TIMEOUT,
         })?
-        .map_err(|source| StoreError::Connect { target, source })?;
+        .map_err(|error| StoreError::Connect { target, error })?;
     let task = tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "PostgreSQL connection ended");
@@ -211,10 +210,10 @@ impl Store {
                     if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
                         || e.code() == Some(&SqlState::DUPLICATE_TABLE)
                         || e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
-                Err(source) => {
+                Err(error) => {
                     return Err(StoreError::Db {
                         context: "create table",
-                        source,
+                        error,
                     })
                 }
             }
