@@ -361,3 +361,229 @@ fn check(config: &Path, env: &[(&str, &str)]) -> (bool, String) {
     );
     (out.status.success(), text)
 }
+
+#[test]
+fn secrets_stay_out_of_logs_check_and_status_from_a_file_or_the_environment() {
+    let pg = TestPostgres::start();
+    let db = Db::create(&pg);
+    let port = pg.port().expect("private server");
+    create_app_role(&db, "Sup3r@Secret");
+    prepend_hba(&pg, &db, "host all app 127.0.0.1/32 scram-sha-256");
+    let name = db_name(db.url());
+    wait_refused(
+        &format!("postgres://app:x@127.0.0.1:{port}/{name}"),
+        "28P01",
+    );
+
+    let mut site = Site::new();
+    site.write_segment(1_500);
+    let url_file = site.dir.path().join("database-url");
+    std::fs::write(
+        &url_file,
+        format!("postgres://app:Sup3r%40Secret@127.0.0.1:{port}/{name}?sslmode=disable\n"),
+    )
+    .unwrap();
+    let config = site.config(&format!(
+        "database_url_file = {:?}",
+        url_file.display().to_string()
+    ));
+    let leaks = |what: &str, text: &str| {
+        for secret in ["Sup3r", "Secret", "Wr0ng"] {
+            assert!(
+                !text.contains(secret),
+                "{secret:?} is in the {what}:\n{text}"
+            );
+        }
+    };
+
+    let (ok, out) = check(&config, &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("(from database_url_file {})", url_file.display())),
+        "{out}"
+    );
+    leaks("check output", &out);
+
+    // The environment overrides the file; a `?password=` parameter stays hidden too.
+    let env_url = format!("postgres://app@127.0.0.1:{port}/{name}?password=Sup3r%40Secret");
+    let (ok, out) = check(&config, &[("LOGTALLY_DATABASE_URL", &env_url)]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("(from environment LOGTALLY_DATABASE_URL)"),
+        "{out}"
+    );
+    leaks("check output", &out);
+    // A wrong password in key=value form: refused, named, not shown.
+    let wrong = format!("host=127.0.0.1 port={port} dbname={name} user=app password='Wr0ng pw'");
+    let (ok, out) = check(&config, &[("LOGTALLY_DATABASE_URL", &wrong)]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(r#"password authentication failed for user "app""#),
+        "{out}"
+    );
+    leaks("check output", &out);
+
+    let sidecar = site.start(&config);
+    site.wait_for_totals(&db);
+    leaks("/status", &site.get("/status").unwrap().1);
+    sidecar.terminate();
+    leaks("log", &site.log_text());
+}
+
+/// `openssl` with `args` in `dir`; panics with its output on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (needed to make the test certificates)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA `name.crt` / `name.key` in `dir`.
+fn make_ca(dir: &Path, name: &str) {
+    let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+}
+
+/// Turns on TLS in `pg` with a certificate for 127.0.0.1 signed by a fresh CA, and lets
+/// role `app` in only over TLS. Returns the folder holding `ca.crt` and `other-ca.crt` (a
+/// CA that signed nothing).
+fn enable_tls(pg: &TestPostgres, db: &Db) -> tempfile::TempDir {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    make_ca(dir, "ca");
+    make_ca(dir, "other-ca");
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "server.crt",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+    let data = data_dir(pg);
+    for f in ["server.crt", "server.key"] {
+        std::fs::copy(dir.join(f), data.join(f)).unwrap();
+        // The server runs as `postgres` (we are root) and wants its key private.
+        let _ = Command::new("chown")
+            .arg("postgres:")
+            .arg(data.join(f))
+            .status();
+        let _ = Command::new("chmod").arg("600").arg(data.join(f)).status();
+    }
+    db.execute("ALTER SYSTEM SET ssl = on");
+    prepend_hba(
+        pg,
+        db,
+        "hostnossl all app 127.0.0.1/32 reject\nhostssl all app 127.0.0.1/32 trust",
+    );
+    certs
+}
+
+#[test]
+fn tls_require_and_verify_full_against_a_self_signed_server() {
+    let pg = TestPostgres::start();
+    let db = Db::create(&pg);
+    let port = pg.port().expect("private server");
+    create_app_role(&db, "unused");
+    let certs = enable_tls(&pg, &db);
+    let name = db_name(db.url());
+    let base = format!("postgres://app@127.0.0.1:{port}/{name}");
+    // Without TLS the server now refuses `app` (so a success below went over TLS).
+    wait_refused(&format!("{base}?sslmode=disable"), "28000");
+
+    let mut site = Site::new();
+    site.write_segment(2_000);
+    let config = site.config("");
+    let with = |url: &str| check(&config, &[("LOGTALLY_DATABASE_URL", url)]);
+
+    let (ok, out) = with(&format!("{base}?sslmode=require"));
+    assert!(ok, "require: {out}");
+
+    let wrong_ca = certs.path().join("other-ca.crt");
+    let (ok, out) = with(&format!(
+        "{base}?sslmode=verify-full&sslrootcert={}",
+        wrong_ca.display()
+    ));
+    assert!(
+        !ok,
+        "verify-full with a CA that signed nothing succeeded: {out}"
+    );
+    assert!(
+        out.contains(&wrong_ca.display().to_string()),
+        "names the CA file: {out}"
+    );
+    assert!(out.contains("UnknownIssuer"), "says why: {out}");
+
+    let right_ca = certs.path().join("ca.crt");
+    let url = format!(
+        "{base}?sslmode=verify-full&sslrootcert={}",
+        right_ca.display()
+    );
+    let (ok, out) = with(&url);
+    assert!(ok, "verify-full with the right CA: {out}");
+
+    let config = site.config(&format!("database_url = \"{url}\""));
+    let sidecar = site.start(&config);
+    site.wait_for_totals(&db);
+    sidecar.terminate();
+}

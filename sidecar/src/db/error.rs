@@ -8,7 +8,7 @@
 //! - [`ErrorClass::Transient`]: the connection broke, the server is starting or stopping,
 //!   a transaction lost a race — retried quietly (a warning per attempt);
 //! - [`ErrorClass::NeedsOperator`]: authentication, a missing database or role, a permission
-//!   denied — retrying alone cannot fix it, but an operator can without restarting logtally:
+//!   denied, a server certificate the roots do not vouch for — retrying alone cannot fix it, but an operator can without restarting logtally:
 //!   retried with the same backoff, logged at error level once per distinct message;
 //! - [`ErrorClass::Fatal`]: a bad `database_url`, tables of the wrong shape, a checkpoint
 //!   conflict — the daemon stops.
@@ -33,11 +33,11 @@ pub enum StoreError {
     },
     #[error("connect to PostgreSQL at {target}: no answer within {}s", .after.as_secs())]
     ConnectTimeout { target: String, after: Duration },
-    #[error("database_url: {}", server_message(.error))]
-    BadUrl { error: tokio_postgres::Error },
-    /// TLS settings that cannot be used (a CA file that cannot be read, a bad `sslmode`).
+    #[error("database_url: {error}")]
+    BadUrl { error: crate::config::UrlError },
+    /// TLS settings that cannot be used (a root file that cannot be read).
     #[error("database_url: {0}")]
-    Tls(String),
+    Tls(#[from] super::TlsError),
     #[error("existing tables do not match the configuration (fix or drop them): {}", join_mismatches(.0))]
     Shape(Vec<TableMismatch>),
     #[error(
@@ -100,6 +100,24 @@ pub fn server_message(e: &tokio_postgres::Error) -> String {
     s
 }
 
+/// Whether the TLS handshake failed on the server's certificate (rustls' verdict, carried
+/// in the I/O error tokio-rustls returns).
+fn is_certificate_error(e: &tokio_postgres::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let rustls_error = c.downcast_ref::<rustls::Error>().or_else(|| {
+            c.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if matches!(rustls_error, Some(rustls::Error::InvalidCertificate(_))) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// SQLSTATEs an operator fixes: authentication (class 28: bad password, unknown role,
 /// no pg_hba entry), a missing database, a permission denied.
 fn needs_operator(code: &SqlState) -> bool {
@@ -130,6 +148,10 @@ impl StoreError {
             | StoreError::Tls(_)
             | StoreError::Shape(_)
             | StoreError::CheckpointConflict { .. } => return ErrorClass::Fatal,
+            // A certificate the roots do not vouch for: the operator's to fix.
+            StoreError::Connect { error, .. } if is_certificate_error(error) => {
+                return ErrorClass::NeedsOperator
+            }
             // A refused connection with a code we do not know: still worth retrying.
             StoreError::Connect { error, .. } => (error, ErrorClass::Transient),
             StoreError::Db { error, .. } => (error, ErrorClass::Fatal),

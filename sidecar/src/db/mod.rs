@@ -6,6 +6,7 @@
 //! - `rows.rs`: a flush's rows, sorted, merged and bound a chunk at a time (pure);
 //! - `checkpoint.rs`: checkpoint entries and the flush's compare-and-swap (pure);
 //! - `error.rs`: [`StoreError`] and which errors are transient;
+//! - `tls.rs`: the rustls connector for `sslmode` (require, verify-ca, verify-full);
 //! - `store.rs`: the connection ([`Store`]) and `logtally check`'s inspection ([`check`]).
 //!
 //! Exactly once rests on one rule: a flush moves the checkpoint in the same transaction as
@@ -20,6 +21,7 @@ mod sql;
 mod store;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 #[cfg(test)]
 pub(crate) use checkpoint::{compare_checkpoint, CheckpointState};
@@ -29,3 +31,4 @@ pub use numeric::SqlNumeric;
 pub use rows::UpsertRows;
 pub use schema::{ShapeDifference, TableMismatch};
 pub use store::{check, Store, TableState};
+pub use tls::TlsError;
