@@ -221,6 +221,15 @@ impl TestPostgres {
         p.running = true;
     }
 
+    /// The data folder of a private server (its `pg_hba.conf`, certificates), to change
+    /// the server's settings; apply with `SELECT pg_reload_conf()`.
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        match &self.server {
+            Server::External { .. } => None,
+            Server::Private(p) => Some(p.data_dir()),
+        }
+    }
+
     /// Whether the server can be stopped (a private one).
     pub fn is_private(&self) -> bool {
         matches!(self.server, Server::Private(_))

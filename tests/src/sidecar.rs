@@ -186,6 +186,18 @@ impl Db {
         }
     }
 
+    /// A database that exists (or will) at `url`.
+    pub fn at(url: &str) -> Db {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Db {
+            rt,
+            url: url.to_string(),
+        }
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }

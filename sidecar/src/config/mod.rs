@@ -17,11 +17,16 @@
 //! Every error names the file and the key, e.g.
 //! `logtally.toml: rule[1].metrics.rt_max: unknown function "avg" (expected count, sum(f), min(f), max(f))`.
 
+mod database_url;
 mod duration;
 mod metric;
 mod names;
 mod size;
 
+pub use database_url::{
+    describe, describe_database_url, override_from_env, parse_database_url, ConnectSettings,
+    DatabaseUrlSource, TlsMode, UrlError, DATABASE_URL_ENV,
+};
 pub use duration::{format_duration, parse_bucket, parse_duration};
 pub use metric::{parse_metric, Metric, MetricKind};
 pub use names::{
@@ -43,6 +48,8 @@ pub struct Config {
     pub path: PathBuf,
     pub spool_dir: PathBuf,
     pub database_url: String,
+    /// Which key (or the environment) gave `database_url`.
+    pub database_url_source: DatabaseUrlSource,
     /// Whose checkpoint this is (default: hostname).
     pub node: String,
     pub flush_interval: Duration,
@@ -103,6 +110,14 @@ pub enum ConfigError {
         key: String,
         problem: Problem,
     },
+    /// A key naming a file (`database_url_file`) whose file cannot be read.
+    #[error("{path}: {key}: cannot read {file}: {source}")]
+    ReadKeyFile {
+        path: String,
+        key: &'static str,
+        file: String,
+        source: std::io::Error,
+    },
 }
 
 impl ConfigError {
@@ -160,6 +175,10 @@ pub enum Problem {
     NoMetrics,
     #[error("must not be empty")]
     Empty,
+    #[error("database_url and database_url_file are both set (keep one)")]
+    BothDatabaseUrls,
+    #[error("{0:?} is not an absolute path")]
+    NotAbsolute(String),
     #[error("cannot determine the hostname; set node explicitly")]
     NoHostname,
     /// Found by `logtally check` against the segment headers, not by [`parse`]: the file
@@ -179,6 +198,7 @@ pub enum Problem {
 struct RawConfig {
     spool_dir: Option<PathBuf>,
     database_url: Option<String>,
+    database_url_file: Option<PathBuf>,
     node: Option<String>,
     flush_interval: Option<String>,
     listen: Option<String>,
@@ -219,7 +239,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates configuration text; `path` is only used in messages and kept in
 /// [`Config::path`].
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    parse_with_hostname(path, text, hostname)
+    let mut config = parse_with_hostname(path, text, hostname)?;
+    override_from_env(&mut config, std::env::var(DATABASE_URL_ENV).ok());
+    Ok(config)
 }
 
 fn parse_with_hostname(
@@ -257,12 +279,8 @@ fn parse_with_hostname(
     if max_pending_keys == 0 {
         return Err(invalid("max_pending_keys", Problem::Zero));
     }
-    let database_url = raw
-        .database_url
-        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string());
-    if database_url.is_empty() {
-        return Err(invalid("database_url", Problem::Empty));
-    }
+    let (database_url, database_url_source) =
+        database_url::from_keys(&shown, raw.database_url, raw.database_url_file)?;
     let node = match raw.node {
         Some(n) if n.trim().is_empty() => return Err(invalid("node", Problem::Empty)),
         Some(n) => n,
@@ -338,6 +356,7 @@ fn parse_with_hostname(
         path: path.to_path_buf(),
         spool_dir,
         database_url,
+        database_url_source,
         node,
         flush_interval,
         listen,
@@ -419,7 +438,12 @@ impl Config {
         let mut s = String::new();
         let _ = writeln!(s, "config        {}", self.path.display());
         let _ = writeln!(s, "spool_dir     {}", self.spool_dir.display());
-        let _ = writeln!(s, "database_url  {}", redact_url(&self.database_url));
+        let _ = writeln!(
+            s,
+            "database_url  {} (from {})",
+            redact_url(&self.database_url),
+            self.database_url_source
+        );
         let _ = writeln!(s, "node          {}", self.node);
         let _ = writeln!(
             s,
@@ -449,29 +473,9 @@ impl Config {
     }
 }
 
-/// Hides a password in a connection URL (`postgres://user:secret@host` → `user:***@host`).
+/// A connection URL for messages: see [`describe_database_url`] (never the password).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        // A key=value connection string.
-        return url
-            .split(' ')
-            .map(|kv| {
-                if kv.starts_with("password=") {
-                    "password=***"
-                } else {
-                    kv
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-    };
-    let Some((auth, host)) = rest.split_once('@') else {
-        return url.to_string();
-    };
-    match auth.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
-    }
+    describe_database_url(url)
 }
 
 #[cfg(test)]

@@ -337,10 +337,75 @@ fn fields_checked_against_the_spool() {
 
 #[test]
 fn redaction() {
-    assert_eq!(redact_url("postgres://a:b@h/d"), "postgres://a:***@h/d");
-    assert_eq!(redact_url("postgres://a@h/d"), "postgres://a@h/d");
+    // The odd forms are tested in database_url.rs; this is the summary's path.
+    assert_eq!(
+        redact_url("postgres://a:b@h/d"),
+        "postgres://a:***@h:5432/d?sslmode=prefer"
+    );
     assert_eq!(
         redact_url("host=x password=y user=u"),
-        "host=x password=*** user=u"
+        "postgres://u:***@x:5432/?sslmode=prefer"
+    );
+}
+
+#[test]
+fn database_url_file_and_its_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("url");
+    std::fs::write(&file, "postgres://u:pw@h/d\n").unwrap();
+    let c = p(&format!(
+        "database_url_file = {:?}\n{RULE}",
+        file.display().to_string()
+    ))
+    .unwrap();
+    assert_eq!(c.database_url, "postgres://u:pw@h/d");
+    assert_eq!(c.database_url_source, DatabaseUrlSource::File(file.clone()));
+    let both = format!(
+        "database_url = \"postgres://h/d\"\ndatabase_url_file = {:?}\n{RULE}",
+        file.display().to_string()
+    );
+    assert_eq!(
+        err(&both),
+        "logtally.toml: database_url_file: database_url and database_url_file are both set \
+         (keep one)"
+    );
+    assert_eq!(
+        err(&format!("database_url_file = \"url\"\n{RULE}")),
+        "logtally.toml: database_url_file: \"url\" is not an absolute path"
+    );
+    let missing = dir.path().join("absent");
+    let e = err(&format!(
+        "database_url_file = {:?}\n{RULE}",
+        missing.display().to_string()
+    ));
+    assert!(
+        e.starts_with(&format!(
+            "logtally.toml: database_url_file: cannot read {}: ",
+            missing.display()
+        )),
+        "{e}"
+    );
+    std::fs::write(&file, "\n").unwrap();
+    let e = err(&format!(
+        "database_url_file = {:?}\n{RULE}",
+        file.display().to_string()
+    ));
+    assert_eq!(e, "logtally.toml: database_url_file: must not be empty");
+}
+
+#[test]
+fn the_environment_overrides_the_keys() {
+    let mut c = p(&format!("database_url = \"postgres://a@h/d\"\n{RULE}")).unwrap();
+    assert_eq!(c.database_url_source, DatabaseUrlSource::Key);
+    override_from_env(&mut c, Some(String::new()));
+    assert_eq!(
+        c.database_url_source,
+        DatabaseUrlSource::Key,
+        "empty is unset"
+    );
+    override_from_env(&mut c, Some("postgres://b@h/e".into()));
+    assert_eq!(
+        (c.database_url.as_str(), &c.database_url_source),
+        ("postgres://b@h/e", &DatabaseUrlSource::Env)
     );
 }

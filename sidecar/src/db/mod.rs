@@ -6,6 +6,7 @@
 //! - `rows.rs`: a flush's rows, sorted, merged and bound a chunk at a time (pure);
 //! - `checkpoint.rs`: checkpoint entries and the flush's compare-and-swap (pure);
 //! - `error.rs`: [`StoreError`] and which errors are transient;
+//! - `tls.rs`: the rustls connector for `sslmode` (require, verify-ca, verify-full);
 //! - `store.rs`: the connection ([`Store`]) and `logtally check`'s inspection ([`check`]).
 //!
 //! Exactly once rests on one rule: a flush moves the checkpoint in the same transaction as
@@ -20,13 +21,15 @@ mod sql;
 mod store;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 #[cfg(test)]
 pub(crate) use checkpoint::{compare_checkpoint, CheckpointState};
 pub use checkpoint::{CheckpointEntry, FlushOutcome};
-pub use error::StoreError;
+pub use error::{server_message, ErrorClass, FailureLog, StoreError};
 pub use numeric::SqlNumeric;
 pub use rows::UpsertRows;
 pub use schema::{checkpoint_table, rule_table, ShapeDifference, TableMismatch};
 pub use sql::create_sql;
 pub use store::{check, Store, TableState};
+pub use tls::TlsError;

@@ -7,6 +7,7 @@
 //! 20,000 and moves the checkpoint, then commits.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -14,7 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::config::{Config, Rule};
+use crate::config::{describe, parse_database_url, Config, Rule, TlsMode};
 
 use super::checkpoint::{compare_checkpoint, CheckpointEntry, CheckpointState, FlushOutcome};
 use super::rows::{rule_params, UpsertRows, UPSERT_CHUNK};
@@ -25,50 +26,53 @@ use super::sql::{
     checkpoint_delete_finished_sql, checkpoint_load_sql, checkpoint_lock_sql, checkpoint_read_sql,
     checkpoint_upsert_sql, create_sql, quote, upsert_sql,
 };
-use super::StoreError;
+use super::{server_message, tls, StoreError};
 
 /// How long a connection attempt may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `host:port/dbname` of a URL, for messages (never the password).
-pub fn describe_target(url: &str) -> String {
-    let Ok(cfg) = url.parse::<tokio_postgres::Config>() else {
-        return "<unparsable database_url>".into();
-    };
-    let host = match cfg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
-    };
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    format!(
-        "{host}:{port}/{}",
-        cfg.get_dbname().unwrap_or("(default db)")
-    )
-}
-
 async fn connect_client(url: &str) -> Result<(Client, JoinHandle<()>), StoreError> {
-    let target = describe_target(url);
-    let mut cfg: tokio_postgres::Config = url
-        .parse()
-        .map_err(|source| StoreError::BadUrl { source })?;
+    let settings = parse_database_url(url).map_err(|error| StoreError::BadUrl { error })?;
+    let target = describe(&settings);
+    let mut cfg = settings.pg.clone();
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(CONNECT_TIMEOUT);
     }
     cfg.application_name("logtally");
-    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, cfg.connect(NoTls))
+    let failed = |error| StoreError::Connect {
+        target: target.clone(),
+        error,
+    };
+    let connect = async {
+        Ok::<_, StoreError>(match settings.tls {
+            TlsMode::Disable => {
+                let (client, connection) = cfg.connect(NoTls).await.map_err(failed)?;
+                (client, spawn_connection(connection))
+            }
+            _ => {
+                let tls = tls::connector(&settings)?;
+                let (client, connection) = cfg.connect(tls).await.map_err(failed)?;
+                (client, spawn_connection(connection))
+            }
+        })
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| StoreError::ConnectTimeout {
             target: target.clone(),
             after: CONNECT_TIMEOUT,
         })?
-        .map_err(|source| StoreError::Connect { target, source })?;
-    let task = tokio::spawn(async move {
+}
+
+/// Runs a connection's I/O until it ends.
+fn spawn_connection(
+    connection: impl Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
         if let Err(error) = connection.await {
-            tracing::debug!(%error, "PostgreSQL connection ended");
+            tracing::debug!(error = %server_message(&error), "PostgreSQL connection ended");
         }
-    });
-    Ok((client, task))
+    })
 }
 
 /// Reads a table's shape, `None` if there is no relation of that name.
@@ -211,10 +215,10 @@ impl Store {
                     if e.code() == Some(&SqlState::UNIQUE_VIOLATION)
                         || e.code() == Some(&SqlState::DUPLICATE_TABLE)
                         || e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
-                Err(source) => {
+                Err(error) => {
                     return Err(StoreError::Db {
                         context: "create table",
-                        source,
+                        error,
                     })
                 }
             }

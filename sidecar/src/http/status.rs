@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::aggregate::{RuleTop, TopKey};
 use crate::config::{Config, MetricKind, Rule};
+use crate::db::{ErrorClass, StoreError};
 use crate::spool::tail::{self, Position};
 
 /// Everything `/status` reports. The run loop owns the truth and copies it here as it
@@ -123,6 +124,9 @@ pub struct DatabaseStatus {
     pub up: bool,
     pub last_error: Option<String>,
     pub last_error_ms: Option<u64>,
+    /// How the daemon treats the last error: `transient` (waits), `needs_operator`
+    /// (retrying alone cannot fix it; the daemon keeps retrying), `fatal` (it stops).
+    pub last_error_class: Option<ErrorClass>,
 }
 
 /// A rule as configured, for operators reading `/status`.
@@ -276,6 +280,12 @@ impl Status {
                 self.database.last_error_ms = Some(now_ms);
             }
         }
+    }
+
+    /// Records a failed database operation with its class.
+    pub fn record_database_error(&mut self, now_ms: u64, error: &StoreError) {
+        self.record_database(now_ms, Err(error.to_string()));
+        self.database.last_error_class = Some(error.class());
     }
 
     /// Replaces the per-segment view and the lag totals from the tailer's segments

@@ -24,7 +24,7 @@ use super::reader::{Drained, ReaderView};
 use crate::aggregate::DrainedRows;
 use crate::binlog::{self, Binlog, BinlogRecord};
 use crate::config::Config;
-use crate::db::{CheckpointEntry, FlushOutcome, StoreError};
+use crate::db::{CheckpointEntry, FailureLog, FlushOutcome, StoreError};
 use crate::http::metrics::Metrics;
 use crate::http::status::{self, FlushStatus, SharedStatus};
 use crate::now_ms;
@@ -116,6 +116,8 @@ pub(crate) struct Engine<D> {
     binlog: Option<Binlog>,
     seq: u64,
     backoff: Backoff,
+    /// Reports database failures (needs-operator ones once per message).
+    failures: FailureLog,
 }
 
 impl<D: Database> Engine<D> {
@@ -131,6 +133,7 @@ impl<D: Database> Engine<D> {
             binlog: None,
             seq: 0,
             backoff: Backoff::new(),
+            failures: FailureLog::default(),
         }
     }
 
@@ -148,7 +151,7 @@ impl<D: Database> Engine<D> {
         self.metrics.database_errors.inc();
         self.metrics.database_up.set(0);
         self.status
-            .update(|s| s.record_database(now_ms(), Err(err.to_string())));
+            .update(|s| s.record_database_error(now_ms(), err));
     }
 
     /// Connects and loads the checkpoint, retrying transient failures until `stop` fires:
@@ -169,12 +172,17 @@ impl<D: Database> Engine<D> {
                         .map(|e| (e.segment.clone(), e))
                         .collect();
                     self.backoff.reset();
+                    self.failures.recovered();
                     return Ok(true);
                 }
-                Err(e) if e.is_transient() => {
+                Err(e) if e.is_retried() => {
                     self.database_failed(&e);
                     let wait = self.backoff.step();
-                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "database unavailable at start");
+                    let what = format!(
+                        "database unavailable at start; retry in {}ms",
+                        wait.as_millis()
+                    );
+                    self.failures.failed(&e, &what);
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
                         () = &mut *stop => return Ok(false),
@@ -296,14 +304,16 @@ impl<D: Database> Engine<D> {
                     self.append_binlog(&record);
                 }
                 self.backoff.reset();
+                self.failures.recovered();
                 Ok(Commit::Done(all.iter().map(segment_position).collect()))
             }
-            Err(e) if e.is_transient() => {
+            Err(e) if e.is_retried() => {
                 self.metrics.flushes_error.inc();
                 self.database_failed(&e);
                 self.status
                     .update(|s| s.record_flush(flush_status(0, Some(&e))));
-                warn!(error = %e, rows, "flush failed; the batch is kept and retried");
+                let what = format!("flush of {rows} rows failed; the batch is kept and retried");
+                self.failures.failed(&e, &what);
                 self.pending = Some(batch);
                 Ok(Commit::Retry)
             }

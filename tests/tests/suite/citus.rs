@@ -734,7 +734,7 @@ fn checkpoint_forms_two_phase_commit_and_the_compare_and_swap() {
             .await
             .unwrap_err();
         let (code, message) = match &err {
-            StoreError::Db { source, .. } => (
+            StoreError::Db { error: source, .. } => (
                 source.code().map(|c| c.code().to_string()),
                 source.as_db_error().map(|d| d.message().to_string()),
             ),

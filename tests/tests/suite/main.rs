@@ -8,5 +8,6 @@ mod citus;
 mod e2e;
 mod module;
 mod observability;
+mod operator;
 mod page;
 mod sidecar;
