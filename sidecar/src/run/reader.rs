@@ -167,6 +167,9 @@ impl Reader {
         m.decode_errors.inc_by(self.torn_discarded);
         m.corrupt_bytes
             .inc_by(s.abandoned_bytes - self.reported.abandoned_bytes);
+        // A segment cut below what was read (a fault outside the writer, logged as an error).
+        m.decode_errors
+            .inc_by(s.truncated_segments - self.reported.truncated_segments);
         m.segments_open.set(self.tailer.segments_open() as i64);
         m.pending_keys.set(self.aggregator.pending_keys() as i64);
         self.reported = s;

@@ -3,7 +3,8 @@
 //! - `tail.rs`: the [`Tailer`](tail::Tailer), which follows every segment of the folder and
 //!   delivers their frames with the positions the daemon checkpoints;
 //! - `segment.rs`: one followed segment and the read of its new bytes;
-//! - `liveness.rs`: whether an unsealed segment's writer is gone;
+//! - `liveness.rs`: whether an unsealed segment's writer is gone (its lock), and whether the
+//!   spool folder's file system can tell;
 //! - `dump.rs`: `logtally dump`, segments as JSON lines.
 //!
 //! Frames are walked by `logtally_spool::SegmentReader` in both the tailer and the dump.
