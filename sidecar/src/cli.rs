@@ -82,11 +82,15 @@ fn run_daemon(path: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    runtime()?.block_on(async {
+    let runtime = runtime()?;
+    let result = runtime.block_on(async {
         run::run(config, None, shutdown_signal())
             .await
             .context("logtally run")
-    })
+    });
+    // A blocking task stuck on a hanging disk or name lookup must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 /// Completes on the first SIGTERM or SIGINT.
@@ -110,9 +114,15 @@ async fn shutdown_signal() {
 
 /// `logtally check`: the configuration (this module) then the database (the store's check).
 pub fn check(path: &Path, database: bool) -> anyhow::Result<()> {
-    let config = config::load(path)?;
+    let mut config = config::load(path)?;
+    let node_source = check_node(&mut config)?;
     let mut out = io::stdout().lock();
     write!(out, "{}", config.summary())?;
+    writeln!(out, "node from     {node_source}")?;
+    if config.spool_dir.is_dir() {
+        let kind = logtally::spool::liveness::check_file_system(&config.spool_dir)?;
+        writeln!(out, "spool fs      {kind:?} (writer locks hold)")?;
+    }
     let dir = config.spool_dir.display();
     let not_checked = "field names not checked against nginx's logtally_field names";
     match spool_fields(&config.spool_dir) {
@@ -154,6 +164,29 @@ pub fn check(path: &Path, database: bool) -> anyhow::Result<()> {
     }
     writeln!(out, "database OK")?;
     Ok(())
+}
+
+/// Settles `config.node` as `run` would, without storing anything: the stored id (a
+/// configured one that differs is an error), else the configured one or the hostname that
+/// `run` will store. Returns where it comes from, for the summary.
+fn check_node(config: &mut config::Config) -> anyhow::Result<String> {
+    use logtally::spool::node::{self, NODE_FILE};
+    let file = config.spool_dir.join(NODE_FILE);
+    let configured = config.node_configured.then(|| config.node.clone());
+    if node::stored(&config.spool_dir)?.is_none() {
+        let from = if configured.is_some() {
+            "configured"
+        } else {
+            config.node = config::hostname().context(
+                "no node id stored in the spool folder and cannot determine the hostname; set node",
+            )?;
+            "the hostname"
+        };
+        return Ok(format!("{from}; `run` stores it in {}", file.display()));
+    }
+    // The same check `run` makes: the stored id wins, a different configured one is refused.
+    config.node = node::resolve(&config.spool_dir, configured.as_deref(), || None)?.id;
+    Ok(format!("stored in {}", file.display()))
 }
 
 /// What the spool's segment headers declare.

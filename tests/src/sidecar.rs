@@ -72,13 +72,36 @@ impl TestSidecar {
         }
     }
 
+    /// Starts the sidecar under a wrapper command: `wrapper[0] wrapper[1..] logtally run -c
+    /// <config>` (e.g. `unshare --pid --fork --mount-proc`). [`pid`](Self::pid) is then the
+    /// wrapper's; signals to it reach the sidecar only if the wrapper forwards them.
+    pub fn start_wrapped(
+        config: &Path,
+        log: &Path,
+        listen: SocketAddr,
+        wrapper: &[&str],
+    ) -> TestSidecar {
+        let mut command = Command::new(wrapper[0]);
+        command.args(&wrapper[1..]).arg(logtally_bin());
+        TestSidecar {
+            child: Self::spawn_command(command, config, log),
+            config: config.to_path_buf(),
+            log: log.to_path_buf(),
+            listen,
+        }
+    }
+
     fn spawn(config: &Path, log: &Path) -> Child {
+        Self::spawn_command(Command::new(logtally_bin()), config, log)
+    }
+
+    fn spawn_command(mut command: Command, config: &Path, log: &Path) -> Child {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        Command::new(logtally_bin())
+        command
             .args(["run", "-c"])
             .arg(config)
             .env("RUST_LOG", "info")

@@ -1,5 +1,5 @@
 //! The sidecar's configuration: TOML file → validated [`Config`]. Pure: text in, values or
-//! errors out (the only I/O is [`load`] reading the file and [`hostname`]).
+//! errors out (the only I/O is [`load`] reading the file, and [`hostname`] for whoever asks).
 //!
 //! The types here are what the rest of the sidecar uses; each kind of value has one parser,
 //! in its own file, chosen by the key's type:
@@ -50,8 +50,11 @@ pub struct Config {
     pub database_url: String,
     /// Which key (or the environment) gave `database_url`.
     pub database_url_source: DatabaseUrlSource,
-    /// Whose checkpoint this is (default: hostname).
+    /// Whose checkpoint this is: the configured `node`, else the id stored in the spool
+    /// folder (`crate::spool::node::resolve` fills it in before use; empty until then).
     pub node: String,
+    /// `node` was set in the file (else it comes from the spool folder).
+    pub node_configured: bool,
     pub flush_interval: Duration,
     pub listen: std::net::SocketAddr,
     pub binlog: PathBuf,
@@ -59,6 +62,8 @@ pub struct Config {
     pub retain: Duration,
     /// Pending aggregate keys (all rules) above which reading pauses until a flush commits.
     pub max_pending_keys: usize,
+    /// On SIGTERM, how long to keep reading while writers still hold segments (default 20s).
+    pub shutdown_wait: Duration,
     pub rules: Vec<Rule>,
     /// Tables of the rules with `show_keys = false`: the status page and `/status` do not
     /// show their keys (field values can be personal data).
@@ -92,6 +97,8 @@ pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9187";
 pub const DEFAULT_BINLOG: &str = "/var/lib/logtally/binlog";
 pub const DEFAULT_MAX_PENDING_KEYS: usize = 1_000_000;
+/// How long SIGTERM keeps reading while writers hold segments (`shutdown_wait`).
+pub const DEFAULT_SHUTDOWN_WAIT: Duration = Duration::from_secs(20);
 
 /// Why a configuration is not usable. The `Display` form names the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -179,8 +186,6 @@ pub enum Problem {
     BothDatabaseUrls,
     #[error("{0:?} is not an absolute path")]
     NotAbsolute(String),
-    #[error("cannot determine the hostname; set node explicitly")]
-    NoHostname,
     /// Found by `logtally check` against the segment headers, not by [`parse`]: the file
     /// alone cannot know nginx's `logtally_field` names.
     #[error("field {field:?} is not in the spool (segments in {dir} declare: {declared})")]
@@ -205,6 +210,7 @@ struct RawConfig {
     binlog: Option<PathBuf>,
     retain: Option<String>,
     max_pending_keys: Option<usize>,
+    shutdown_wait: Option<String>,
     #[serde(default)]
     rule: Vec<RawRule>,
 }
@@ -239,16 +245,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates configuration text; `path` is only used in messages and kept in
 /// [`Config::path`].
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let mut config = parse_with_hostname(path, text, hostname)?;
+    let mut config = parse_text(path, text)?;
     override_from_env(&mut config, std::env::var(DATABASE_URL_ENV).ok());
     Ok(config)
 }
 
-fn parse_with_hostname(
-    path: &Path,
-    text: &str,
-    hostname: impl FnOnce() -> Option<String>,
-) -> Result<Config, ConfigError> {
+fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let shown = path.display().to_string();
     let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: shown.clone(),
@@ -281,10 +283,15 @@ fn parse_with_hostname(
     }
     let (database_url, database_url_source) =
         database_url::from_keys(&shown, raw.database_url, raw.database_url_file)?;
-    let node = match raw.node {
+    let shutdown_wait = match raw.shutdown_wait {
+        Some(s) => parse_duration(&s).map_err(|p| invalid("shutdown_wait", p))?,
+        None => DEFAULT_SHUTDOWN_WAIT,
+    };
+    // Unset: the spool folder's stored id, read at start (never the hostname once stored).
+    let (node, node_configured) = match raw.node {
         Some(n) if n.trim().is_empty() => return Err(invalid("node", Problem::Empty)),
-        Some(n) => n,
-        None => hostname().ok_or_else(|| invalid("node", Problem::NoHostname))?,
+        Some(n) => (n, true),
+        None => (String::new(), false),
     };
     let spool_dir = raw.spool_dir.unwrap_or_else(|| DEFAULT_SPOOL_DIR.into());
     if spool_dir.as_os_str().is_empty() {
@@ -358,11 +365,13 @@ fn parse_with_hostname(
         database_url,
         database_url_source,
         node,
+        node_configured,
         flush_interval,
         listen,
         binlog,
         retain,
         max_pending_keys,
+        shutdown_wait,
         rules,
         hide_keys,
     })
@@ -454,6 +463,7 @@ impl Config {
         let _ = writeln!(s, "binlog        {}", self.binlog.display());
         let _ = writeln!(s, "retain        {}", format_duration(self.retain));
         let _ = writeln!(s, "max keys      {}", self.max_pending_keys);
+        let _ = writeln!(s, "shutdown wait {}", format_duration(self.shutdown_wait));
         for (i, r) in self.rules.iter().enumerate() {
             let metrics: Vec<String> = r
                 .metrics

@@ -12,7 +12,7 @@ metrics  = { events = "count", bytes = "sum(bytes)", rt_max = "max(rt)", rt_min 
 "#;
 
 fn p(text: &str) -> Result<Config, ConfigError> {
-    parse_with_hostname(Path::new("logtally.toml"), text, || Some("edge-9".into()))
+    parse(Path::new("logtally.toml"), text)
 }
 
 fn err(text: &str) -> String {
@@ -24,7 +24,8 @@ fn defaults_apply() {
     let c = p(RULE).unwrap();
     assert_eq!(c.spool_dir, PathBuf::from("/var/spool/logtally"));
     assert_eq!(c.database_url, "postgres://logtally@127.0.0.1/logtally");
-    assert_eq!(c.node, "edge-9");
+    assert_eq!((c.node.as_str(), c.node_configured), ("", false));
+    assert_eq!(c.shutdown_wait, Duration::from_secs(20));
     assert_eq!(c.flush_interval, Duration::from_secs(5));
     assert_eq!(c.listen, "127.0.0.1:9187".parse().unwrap());
     assert_eq!(c.binlog, PathBuf::from("/var/lib/logtally/binlog"));
@@ -45,6 +46,7 @@ listen = "0.0.0.0:9000"
 binlog = "/tmp/binlog"
 retain = "1h"
 max_pending_keys = 10
+shutdown_wait = "3s"
 {RULE}
 [[rule]]
 table = "daily"
@@ -55,7 +57,8 @@ metrics = {{ n = "count" }}
     let c = p(&text).unwrap();
     assert_eq!(c.flush_interval, Duration::from_millis(100));
     assert_eq!(c.retain, Duration::from_secs(3600));
-    assert_eq!(c.node, "edge-1");
+    assert_eq!((c.node.as_str(), c.node_configured), ("edge-1", true));
+    assert_eq!(c.shutdown_wait, Duration::from_secs(3));
     assert_eq!(c.rules.len(), 2);
     let r = &c.rules[0];
     assert_eq!(r.table, "ad_events_1m");
@@ -283,12 +286,7 @@ fn structure_errors() {
 }
 
 #[test]
-fn no_hostname() {
-    let e = parse_with_hostname(Path::new("l.toml"), RULE, || None).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "l.toml: node: cannot determine the hostname; set node explicitly"
-    );
+fn hostname_is_found() {
     assert!(hostname().is_some());
 }
 

@@ -36,6 +36,14 @@ use reader::ReaderHandle;
 
 /// How long shutdown may spend on the final flush.
 const FINAL_FLUSH_BUDGET: Duration = Duration::from_secs(15);
+/// On shutdown, stop waiting for writers once the spool has not grown for this long while
+/// their locks stay held (nginx still running: a plain `systemctl stop logtally`).
+const SHUTDOWN_QUIET: Duration = Duration::from_secs(2);
+/// How often shutdown looks at the reader's progress while waiting for writers.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
+/// How long shutdown waits for the reader thread to end (it may be stuck on a hanging disk:
+/// then the process ends without it).
+const READER_STOP_BUDGET: Duration = Duration::from_secs(2);
 /// How often `/status` and the lag gauges are refreshed between flushes.
 const STATUS_REFRESH: Duration = Duration::from_secs(1);
 
@@ -54,6 +62,10 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error("spool reader thread: {0}")]
     Reader(String),
+    #[error(transparent)]
+    FileSystem(#[from] crate::spool::liveness::FileSystemError),
+    #[error(transparent)]
+    Node(#[from] crate::spool::node::NodeError),
 }
 
 /// The engine's database: PostgreSQL through [`Store`], reconnecting when the connection
@@ -110,10 +122,15 @@ impl Database for PgDatabase {
 /// configured `listen` address), tail, aggregate, flush. On shutdown it stops reading,
 /// makes a final flush (bounded in time) and returns `Ok`.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    if !prepare_spool(&mut config, &mut shutdown).await? {
+        info!("stopped before the spool folder existed");
+        return Ok(());
+    }
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new()?);
     metrics.init_rules(&config.rules);
@@ -144,6 +161,37 @@ pub async fn run(
     let _ = admin_stop_tx.send(());
     let _ = admin_task.await;
     result
+}
+
+/// How often a missing spool folder is looked for at start.
+const SPOOL_FOLDER_POLL: Duration = Duration::from_secs(1);
+
+/// Waits for the spool folder (nginx creates it), refuses a network file system, and
+/// settles the node id stored there. `Ok(false)`: `shutdown` came first.
+async fn prepare_spool(
+    config: &mut Config,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<bool, DaemonError> {
+    let dir = config.spool_dir.clone();
+    let mut logged = false;
+    while !dir.is_dir() {
+        if !logged {
+            warn!(spool = %dir.display(), "spool folder missing; waiting for nginx to create it");
+            logged = true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(SPOOL_FOLDER_POLL) => {}
+            () = shutdown.as_mut() => return Ok(false),
+        }
+    }
+    crate::spool::liveness::check_file_system(&dir)?;
+    let configured = config.node_configured.then_some(config.node.as_str());
+    let node = crate::spool::node::resolve(&dir, configured, crate::config::hostname)?;
+    if node.created {
+        info!(node = %node.id, file = %dir.join(crate::spool::node::NODE_FILE).display(), "node id stored in the spool folder");
+    }
+    config.node = node.id;
+    Ok(true)
 }
 
 /// One commit attempt and, when it committed, what follows: the reader deletes finished
@@ -238,14 +286,49 @@ async fn run_loop(
 
     let mut reader = reader;
     if result.is_ok() {
+        wait_for_writers(&reader, config.shutdown_wait).await;
         final_flush(&mut engine, &reader).await;
     }
-    reader.stop();
+    reader.stop_within(READER_STOP_BUDGET).await;
     engine.refresh_status(&reader.view());
     if let Err(e) = &result {
         error!(error = %e, "stopping");
     }
     result
+}
+
+/// Shutdown, first step: keep reading until no writer holds a segment (nginx seals its
+/// segments when it quits), for at most `bound`, and no longer than [`SHUTDOWN_QUIET`]
+/// after the spool last grew (writers alive and idle: their segments stay for next start).
+async fn wait_for_writers(reader: &ReaderHandle, bound: Duration) {
+    let started = tokio::time::Instant::now();
+    let deadline = started + bound;
+    let mut last = reader.view().progress();
+    let mut last_change = started;
+    loop {
+        let view = reader.view();
+        if view.open_segments == 0 {
+            info!(
+                waited_ms = started.elapsed().as_millis() as u64,
+                "shutting down: every segment finished"
+            );
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if view.progress() != last {
+            last = view.progress();
+            last_change = now;
+        }
+        if now >= deadline {
+            warn!(open_segments = view.open_segments, bound_s = bound.as_secs_f64(), "shutting down: writers still hold segments after shutdown_wait; the rest is read on the next start");
+            return;
+        }
+        if now - last_change >= SHUTDOWN_QUIET {
+            info!(open_segments = view.open_segments, "shutting down: writers hold segments but the spool is quiet; the rest is read on the next start");
+            return;
+        }
+        tokio::time::sleep(SHUTDOWN_POLL).await;
+    }
 }
 
 /// Shutdown: stop reading, commit what is pending and what was read, within a time bound.

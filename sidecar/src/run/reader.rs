@@ -75,6 +75,18 @@ pub(crate) struct ReaderView {
     pub top_keys: Vec<RuleTop>,
     /// Approximate memory of the pending aggregates.
     pub pending_bytes: u64,
+    /// Segments not finished (a writer holds them, or not read to their end yet).
+    pub open_segments: usize,
+    /// Bytes the reader consumed so far (grows while there is something to read).
+    pub bytes_read: u64,
+}
+
+impl ReaderView {
+    /// What changes while the spool grows or is read: bytes read and segment sizes.
+    pub fn progress(&self) -> (u64, u64, usize) {
+        let sizes = self.segments.iter().map(|s| s.size).sum();
+        (self.bytes_read, sizes, self.segments.len())
+    }
 }
 
 /// The reader thread's state.
@@ -177,6 +189,9 @@ impl Reader {
         m.decode_errors.inc_by(self.torn_discarded);
         m.corrupt_bytes
             .inc_by(s.abandoned_bytes - self.reported.abandoned_bytes);
+        // A segment cut below what was read (a fault outside the writer, logged as an error).
+        m.decode_errors
+            .inc_by(s.truncated_segments - self.reported.truncated_segments);
         m.segments_open.set(self.tailer.segments_open() as i64);
         m.pending_keys.set(self.aggregator.pending_keys() as i64);
         self.reported = s;
@@ -211,6 +226,8 @@ impl Reader {
             view.top_keys = top;
             view.pending_bytes = self.aggregator.pending_bytes();
         }
+        view.open_segments = self.tailer.segments_open();
+        view.bytes_read = s.bytes;
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -315,6 +332,34 @@ impl ReaderHandle {
 
     pub fn view(&self) -> ReaderView {
         self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops the thread and waits for it at most `budget`: a thread stuck in a read of a
+    /// hanging disk is left behind (the process ends without it).
+    pub async fn stop_within(&mut self, budget: std::time::Duration) {
+        self.commands = None;
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        // A plain thread, not spawn_blocking: the runtime's shutdown would wait for that.
+        let joiner = std::thread::Builder::new()
+            .name("logtally-reader-join".into())
+            .spawn(move || {
+                let _ = tx.send(thread.join().is_ok());
+            });
+        if joiner.is_err() {
+            error!("cannot wait for the reader thread; exiting without it");
+            return;
+        }
+        match tokio::time::timeout(budget, rx).await {
+            Ok(Ok(true)) => {}
+            Ok(_) => error!("the reader thread panicked"),
+            Err(_) => warn!(
+                budget_ms = budget.as_millis() as u64,
+                "the reader thread did not stop in time (the spool's disk hangs?); exiting without it"
+            ),
+        }
     }
 
     /// Stops the thread (it exits when its command channel closes) and waits for it.

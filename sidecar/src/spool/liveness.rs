@@ -1,76 +1,67 @@
-//! Whether an unsealed segment's writer is gone, so the tailer may finish the segment and
-//! count its torn tail as lost.
+//! Whether an unsealed segment's writer is gone, and whether the spool folder's file system
+//! can tell.
 //!
-//! The rule today is by process id: the writer is gone when `/proc/<pid>` is absent (or the
-//! injected [`Liveness`] says so), or when a newer segment by the same pid exists (one
-//! writer keeps one open segment, so after pid reuse or a failed seal the older one is
-//! dead), and the segment has not grown for the grace period. A pid reused by an unrelated
-//! process keeps a segment waiting until a newer segment of that pid appears or the process
-//! ends (the cost is delay, never loss). Liveness by lock, which crosses pid namespaces,
-//! replaces this file's rule when it comes; the tailer asks only `WriterCheck::gone`.
+//! The rule is the writer lock (spool/FORMAT.md, *Writer lock*): a writer holds an exclusive
+//! `flock` on its open segment for as long as it may append, and the kernel lets go when it
+//! seals, abandons or dies. A segment is finished when it is sealed, or when its lock is free
+//! and its bytes end; a held lock is never finished, however long the segment stays quiet.
+//! The order matters: the tailer asks [`writer_gone`] *before* it looks at the file's size
+//! and reads to its end, so the bytes it reads after seeing the lock free are all there will
+//! ever be. No pid, no clock: this works across pid namespaces, `hidepid=`, pid reuse and
+//! clock steps.
+//!
+//! The lock means something only where one kernel decides it: [`check_file_system`] refuses
+//! a spool folder on a network file system and warns on FUSE.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::fs::File;
+use std::io;
+use std::path::Path;
 
-/// Whether a process id is alive.
-#[derive(Clone)]
-pub struct Liveness(pub Arc<dyn Fn(u32) -> bool + Send + Sync>);
+use logtally_spool::{spool_file_system, writer_lock_state, FileSystemKind, WriterLock};
+use tracing::warn;
 
-impl Default for Liveness {
-    fn default() -> Self {
-        Liveness(Arc::new(|pid| {
-            std::path::Path::new("/proc").join(pid.to_string()).exists()
-        }))
-    }
+/// Whether no writer holds the lock of the segment `file` is open on. Ask before reading the
+/// size: bytes read after a `true` are the segment's last.
+pub(super) fn writer_gone(file: &File) -> io::Result<bool> {
+    Ok(writer_lock_state(file)? == WriterLock::Free)
 }
 
-impl std::fmt::Debug for Liveness {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Liveness(..)")
-    }
+/// The spool folder is on a file system whose locks this kernel does not decide.
+#[derive(Debug, thiserror::Error)]
+pub enum FileSystemError {
+    #[error(
+        "spool_dir {dir} is on a network file system ({kind}): writer locks are not reliable \
+         there, so a live segment could be taken for finished; put the spool on a local file \
+         system (ext4, xfs, tmpfs, a volume of this host)"
+    )]
+    Network { dir: String, kind: &'static str },
+    #[error("spool_dir {dir}: cannot tell its file system: {source}")]
+    Statfs {
+        dir: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
-/// Parses the pid out of `<ms>-<pid>-<seq>.seg`.
-pub(super) fn name_pid(name: &str) -> Option<u32> {
-    name.split('-').nth(1)?.parse().ok()
-}
-
-/// The unfinished segments a newer segment of the same writer pid supersedes, from every
-/// tracked segment's `(name, pid, finished)` in name (creation) order.
-pub(super) fn superseded<'a>(
-    segments: impl Iterator<Item = (&'a str, Option<u32>, bool)>,
-) -> Vec<String> {
-    let segments: Vec<(&str, Option<u32>, bool)> = segments.collect();
-    // The newest segment name per pid: older unfinished ones of that pid are dead.
-    let mut newest: HashMap<u32, &str> = HashMap::new();
-    for &(name, pid, _) in &segments {
-        if let Some(pid) = pid {
-            newest.insert(pid, name); // name order: the last wins
+/// Checks that `dir` is on a local file system: `Err` on a network one, a warning on FUSE
+/// (local or remote depending on its server). Returns the kind found.
+pub fn check_file_system(dir: &Path) -> Result<FileSystemKind, FileSystemError> {
+    let shown = || dir.display().to_string();
+    let kind = spool_file_system(dir).map_err(|source| FileSystemError::Statfs {
+        dir: shown(),
+        source,
+    })?;
+    match kind {
+        FileSystemKind::Network(kind) => Err(FileSystemError::Network { dir: shown(), kind }),
+        FileSystemKind::Fuse => {
+            warn!(
+                spool = %dir.display(),
+                "spool_dir is on a FUSE file system: writer locks hold only if its server \
+                 enforces them for every container that opens the spool; prefer a local file \
+                 system"
+            );
+            Ok(kind)
         }
-    }
-    segments
-        .iter()
-        .filter(|&&(name, pid, finished)| !finished && pid.is_some_and(|p| newest[&p] != name))
-        .map(|&(name, ..)| name.to_string())
-        .collect()
-}
-
-/// What one poll knows for deciding whether a segment's writer is gone.
-pub(super) struct WriterCheck<'a> {
-    pub now: Instant,
-    /// How long a segment must stay the same size first.
-    pub grace: Duration,
-    /// A newer segment by the same pid exists.
-    pub superseded: bool,
-    pub liveness: &'a Liveness,
-}
-
-impl WriterCheck<'_> {
-    /// Whether an unsealed segment, written by `pid` and last grown at `last_growth`, is
-    /// abandoned: its writer is gone and it stopped growing long enough ago.
-    pub fn gone(&self, pid: Option<u32>, last_growth: Instant) -> bool {
-        self.now.saturating_duration_since(last_growth) >= self.grace
-            && (self.superseded || pid.is_none_or(|pid| !(self.liveness.0)(pid)))
+        FileSystemKind::Local => Ok(kind),
     }
 }

@@ -3,7 +3,9 @@
 //! - `tail.rs`: the [`Tailer`](tail::Tailer), which follows every segment of the folder and
 //!   delivers their frames with the positions the daemon checkpoints;
 //! - `segment.rs`: one followed segment and the read of its new bytes;
-//! - `liveness.rs`: whether an unsealed segment's writer is gone;
+//! - `liveness.rs`: whether an unsealed segment's writer is gone (its lock), and whether the
+//!   spool folder's file system can tell;
+//! - `node.rs`: the node id stored in the folder (whose checkpoint the spool has);
 //! - `dump.rs`: `logtally dump`, segments as JSON lines.
 //!
 //! Frames are walked by `logtally_spool::SegmentReader` in both the tailer and the dump.
@@ -12,5 +14,6 @@
 
 pub mod dump;
 pub mod liveness;
+pub mod node;
 mod segment;
 pub mod tail;

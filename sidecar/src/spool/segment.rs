@@ -1,17 +1,16 @@
 //! One segment being followed: what the tailer knows of it, and the read of its new bytes
-//! (header first, then frames through the spool's [`SegmentReader`], then the torn tail and
-//! whether its writer is gone).
+//! (the writer lock first, then the header, then frames through the spool's
+//! [`SegmentReader`], then the torn tail and, when the lock was free, the segment's end).
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use logtally_spool::{decode_header, SegmentHeader, SegmentItem, SegmentReader};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
-use super::liveness::WriterCheck;
+use super::liveness::writer_gone;
 use super::tail::{PollStats, Position, SegmentEvent, SegmentRef, TailStats};
 
 #[derive(Debug)]
@@ -19,15 +18,15 @@ pub(super) struct Seg {
     pub(super) id: u64,
     pub(super) name: String,
     pub(super) path: PathBuf,
-    /// Writer pid from the file name (the header's, once read).
-    pub(super) pid: Option<u32>,
     pub(super) header: Option<SegmentHeader>,
     pub(super) file: Option<File>,
     pub(super) offset: u64,
     pub(super) finished: bool,
     pub(super) bad_header: bool,
+    /// Found shorter than `offset`: cut outside the writer. Not read again (a fault for an
+    /// operator); its position stays as it was.
+    pub(super) truncated: bool,
     pub(super) size: u64,
-    pub(super) last_growth: Instant,
     /// Offset of the last torn tail counted, so a wait counts once.
     pub(super) torn_at: Option<u64>,
     /// End of the last corrupt run, so adjacent skips count as one occurrence.
@@ -36,6 +35,11 @@ pub(super) struct Seg {
 }
 
 impl Seg {
+    /// Still to be read: neither finished nor left alone after a fault.
+    pub(super) fn readable(&self) -> bool {
+        !self.finished && !self.bad_header && !self.truncated
+    }
+
     pub(super) fn position(&self) -> Position {
         Position {
             offset: self.offset,
@@ -49,7 +53,6 @@ pub(super) fn read_segment(
     seg: &mut Seg,
     buf: &mut [u8],
     stats: &mut TailStats,
-    writer: WriterCheck<'_>,
     budget: &mut u64,
     poll: &mut PollStats,
     on_frame: &mut dyn FnMut(SegmentEvent<'_>),
@@ -58,27 +61,25 @@ pub(super) fn read_segment(
         seg.file = Some(File::open(&seg.path)?);
     }
     let file = seg.file.as_ref().expect("opened above");
+    // The lock first, the size after: when no writer holds the segment, the bytes up to this
+    // size are all it will ever hold.
+    let gone = writer_gone(file)?;
     let size = file.metadata()?.len();
-    if size != seg.size {
-        seg.size = size;
-        seg.last_growth = writer.now;
-    }
+    seg.size = size;
 
     if seg.header.is_none() {
         // Headers are at most a few KiB: one read of the buffer's worth is enough.
         let n = read_full(file, buf, 0, size)?;
         match decode_header(&buf[..n]) {
             Ok(Some((header, len))) => {
-                seg.pid = Some(header.writer_pid);
                 seg.header = Some(header);
                 seg.offset = seg.offset.max(len as u64);
-                if seg.offset > size {
-                    warn!(segment = %seg.name, offset = seg.offset, size, "checkpoint beyond the end of the segment; waiting for it to grow");
-                }
             }
             Ok(None) => {
-                if writer.gone(seg.pid, seg.last_growth) {
-                    warn!(segment = %seg.name, bytes = size, "writer gone before writing a whole header; segment abandoned");
+                // A writer names a segment only once its header is whole: this one is debris
+                // (or written by hand) once no writer holds it.
+                if gone {
+                    warn!(segment = %seg.name, bytes = size, "segment without a whole header and no writer; abandoned");
                     stats.abandoned_segments += 1;
                     stats.abandoned_bytes += size;
                     seg.offset = size;
@@ -95,6 +96,23 @@ pub(super) fn read_segment(
                 return Ok(());
             }
         }
+    }
+
+    if size < seg.offset {
+        // A writer never cuts a segment back (it abandons it instead): something else did.
+        // Decoding from here could start inside a frame; leave it to an operator.
+        error!(
+            segment = %seg.name,
+            offset = seg.offset,
+            size,
+            "segment is shorter than the position already read: cut outside the writer (by \
+             hand, a restored backup, a power loss before the bytes reached the disk); not \
+             read further, left in place for an operator"
+        );
+        stats.truncated_segments += 1;
+        seg.truncated = true;
+        seg.file = None;
+        return Ok(());
     }
 
     let Seg {
@@ -215,8 +233,9 @@ pub(super) fn read_segment(
         stats.torn_tail_waits += 1;
         debug!(segment = %seg.name, offset = seg.offset, bytes = torn, "torn tail; waiting");
     }
-    if writer.gone(seg.pid, seg.last_growth) {
-        warn!(segment = %seg.name, offset = seg.offset, torn_bytes = torn, "writer gone; unsealed segment abandoned");
+    if gone {
+        // Read to the end after seeing the lock free: nothing more will come.
+        warn!(segment = %seg.name, offset = seg.offset, torn_bytes = torn, "no writer holds the unsealed segment; finished as abandoned");
         stats.abandoned_segments += 1;
         stats.abandoned_bytes += torn;
         let header = seg.header.as_ref().expect("read above");

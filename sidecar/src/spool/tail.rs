@@ -16,7 +16,9 @@
 //! - [`Tailer::positions`]: the position after everything delivered so far; the daemon
 //!   commits exactly these, together with the aggregates of everything delivered.
 //! - [`Tailer::remove_finished`]: deletes finished segments whose committed position is their
-//!   end, once `retain` has passed since their last modification.
+//!   end, once `retain` has passed since their last modification, and fsyncs the folder
+//!   before it names them: only then may their checkpoint rows go (a power loss must not
+//!   bring back a file whose row is gone: it would be read again from its start).
 //! - [`Tailer::stats`]: cumulative counters (events, drops, corruption, torn tails, …).
 //!
 //! Rules:
@@ -29,8 +31,12 @@
 //!   counted in bytes and occurrences (runs of adjacent skips); logged once per segment;
 //! - the seal frame finishes a segment: its position becomes `finished` at the seal's end;
 //! - an unsealed segment is *abandoned* (finished, its torn tail counted in
-//!   `abandoned_bytes`) when its writer is gone and it has not grown for
-//!   `dead_writer_grace`; `liveness.rs` decides when a writer is gone;
+//!   `abandoned_bytes`) when no writer holds its lock and it was read to its end (lock
+//!   checked first, then read: `liveness.rs`); a held lock is never finished, however long
+//!   the segment stays quiet; no pid and no clock decide it;
+//! - a segment shorter than the position already read was cut outside the writer: logged as
+//!   an error, counted in `truncated_segments`, never decoded from inside a frame, left in
+//!   place (not read, not deleted, its position kept) for an operator;
 //! - segments are read oldest name first; a poll's budget may run out in an early segment,
 //!   and later ones wait for the next poll (a backlog drains in creation order).
 //!
@@ -44,14 +50,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use logtally_spool::sync_dir;
 
 use logtally_spool::{
     is_segment_file_name, Record, SegmentHeader, FRAME_HEADER_LEN, MAX_PAYLOAD_LEN,
 };
 use tracing::{debug, info, warn};
 
-use super::liveness::{self, name_pid, Liveness, WriterCheck};
 use super::segment::{read_segment, Seg};
 
 /// Where reading a segment stands: a checkpoint entry.
@@ -69,20 +76,12 @@ pub struct Position {
 pub struct TailerOptions {
     /// Read buffer size; raised to at least twice the largest frame.
     pub read_buffer: usize,
-    /// How long an unsealed segment of a gone writer must stay the same size before it is
-    /// abandoned (finished with its torn tail discarded).
-    pub dead_writer_grace: Duration,
-    /// Tells whether a writer pid is alive (default: `/proc/<pid>` exists). Tests inject
-    /// their own.
-    pub liveness: Liveness,
 }
 
 impl Default for TailerOptions {
     fn default() -> Self {
         TailerOptions {
             read_buffer: 1 << 20,
-            dead_writer_grace: Duration::from_secs(10),
-            liveness: Liveness::default(),
         }
     }
 }
@@ -126,7 +125,8 @@ pub enum SegmentEvent<'a> {
         offset: u64,
         len: u64,
     },
-    /// The writer is gone and the segment unsealed: finished, `torn_bytes` discarded.
+    /// No writer holds the unsealed segment and it was read to its end: finished,
+    /// `torn_bytes` discarded.
     Abandoned {
         segment: SegmentRef<'a>,
         offset: u64,
@@ -160,6 +160,8 @@ pub struct TailStats {
     pub abandoned_segments: u64,
     pub abandoned_bytes: u64,
     pub bad_headers: u64,
+    /// Segments found shorter than the position already read (a fault outside the writer).
+    pub truncated_segments: u64,
     pub deleted_segments: u64,
 }
 
@@ -180,10 +182,11 @@ pub struct Tailer {
     dir: PathBuf,
     segs: BTreeMap<String, Seg>,
     start: HashMap<String, Position>,
-    options: TailerOptions,
     buf: Vec<u8>,
     next_id: u64,
     stats: TailStats,
+    /// Segments deleted whose removal the folder's fsync has not yet made durable.
+    unsynced_removals: Vec<String>,
 }
 
 impl Tailer {
@@ -200,10 +203,10 @@ impl Tailer {
             dir: dir.into(),
             segs: BTreeMap::new(),
             start,
-            options,
             buf: vec![0; size],
             next_id: 1,
             stats: TailStats::default(),
+            unsynced_removals: Vec::new(),
         }
     }
 
@@ -219,17 +222,14 @@ impl Tailer {
 
     /// Segments tracked and not finished (being written, or not yet read to their end).
     pub fn segments_open(&self) -> usize {
-        self.segs
-            .values()
-            .filter(|s| !s.finished && !s.bad_header)
-            .count()
+        self.segs.values().filter(|s| s.readable()).count()
     }
 
     /// Bytes present in unfinished segments but not yet read (as of the last poll).
     pub fn lag_bytes(&self) -> u64 {
         self.segs
             .values()
-            .filter(|s| !s.finished && !s.bad_header)
+            .filter(|s| s.readable())
             .map(|s| s.size.saturating_sub(s.offset))
             .sum()
     }
@@ -262,54 +262,30 @@ impl Tailer {
             .collect()
     }
 
-    /// Polls with the current time. See [`poll_at`](Self::poll_at).
+    /// Rescans the folder, then reads segments in name order until about `budget_bytes` were
+    /// consumed (a frame is never split, so a poll may go over by one frame). Errors reading
+    /// the folder are returned; errors reading one segment are logged and that segment is
+    /// retried on the next poll.
     pub fn poll(
         &mut self,
         budget_bytes: u64,
         on_frame: &mut dyn FnMut(SegmentEvent<'_>),
     ) -> io::Result<PollStats> {
-        self.poll_at(Instant::now(), budget_bytes, on_frame)
-    }
-
-    /// Rescans the folder, then reads segments in name order until about `budget_bytes` were
-    /// consumed (a frame is never split, so a poll may go over by one frame). Errors reading
-    /// the folder are returned; errors reading one segment are logged and that segment is
-    /// retried on the next poll.
-    pub fn poll_at(
-        &mut self,
-        now: Instant,
-        budget_bytes: u64,
-        on_frame: &mut dyn FnMut(SegmentEvent<'_>),
-    ) -> io::Result<PollStats> {
-        self.rescan(now)?;
-        let superseded = liveness::superseded(
-            self.segs
-                .values()
-                .map(|s| (s.name.as_str(), s.pid, s.finished)),
-        );
-
+        self.rescan()?;
         let mut poll = PollStats::default();
         let mut budget = budget_bytes;
-        let grace = self.options.dead_writer_grace;
         for seg in self.segs.values_mut() {
-            if seg.finished || seg.bad_header {
+            if !seg.readable() {
                 continue;
             }
             if budget == 0 {
                 poll.more = true;
                 break;
             }
-            let writer = WriterCheck {
-                now,
-                grace,
-                superseded: superseded.contains(&seg.name),
-                liveness: &self.options.liveness,
-            };
             match read_segment(
                 seg,
                 &mut self.buf,
                 &mut self.stats,
-                writer,
                 &mut budget,
                 &mut poll,
                 on_frame,
@@ -325,7 +301,7 @@ impl Tailer {
     }
 
     /// Tracks segment files that appeared; forgets tracked ones that vanished.
-    fn rescan(&mut self, now: Instant) -> io::Result<()> {
+    fn rescan(&mut self) -> io::Result<()> {
         let mut seen: Vec<String> = Vec::new();
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
@@ -352,14 +328,13 @@ impl Tailer {
                     id,
                     name: name.clone(),
                     path: self.dir.join(name),
-                    pid: name_pid(name),
                     header: None,
                     file: None,
                     offset: start.offset,
                     finished: start.finished,
                     bad_header: false,
+                    truncated: false,
                     size: 0,
-                    last_growth: now,
                     torn_at: None,
                     corrupt_end: None,
                     corruption_logged: false,
@@ -380,7 +355,9 @@ impl Tailer {
 
     /// Deletes finished segments whose committed position (in `committed`) is their final
     /// position, once `retain` has passed since the file was last modified (`now` is the wall
-    /// clock). Returns the names removed (they are no longer tracked nor in positions).
+    /// clock), then fsyncs the folder. Returns the names whose removal is durable (they are
+    /// no longer tracked nor in positions): only those may lose their checkpoint rows. When
+    /// the folder's fsync fails, the names wait for the next call's fsync.
     pub fn remove_finished(
         &mut self,
         committed: &[(String, Position)],
@@ -414,7 +391,17 @@ impl Tailer {
             info!(segment = %name, "deleted finished segment");
         }
         self.stats.deleted_segments += removed.len() as u64;
-        removed
+        self.unsynced_removals.extend(removed);
+        if self.unsynced_removals.is_empty() {
+            return Vec::new();
+        }
+        match sync_dir(&self.dir) {
+            Ok(()) => std::mem::take(&mut self.unsynced_removals),
+            Err(error) => {
+                warn!(dir = %self.dir.display(), %error, segments = self.unsynced_removals.len(), "cannot fsync the spool folder after deleting segments; their checkpoint rows stay until it works");
+                Vec::new()
+            }
+        }
     }
 }
 

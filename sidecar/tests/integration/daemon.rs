@@ -94,17 +94,17 @@ metrics = {{ n = "count", rt = "sum(rt)", rt_min = "min(rt)" }}
                     .collect()
             })
             .unwrap_or_default();
-        let spool_empty = std::fs::read_dir(&spool).unwrap().next().is_none();
+        let spool_empty = no_segments(&spool);
         if (got == expected && spool_empty) || tokio::time::Instant::now() > deadline {
             break got;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(got, expected);
-    assert!(
-        std::fs::read_dir(&spool).unwrap().next().is_none(),
-        "committed sealed segments are deleted"
-    );
+    assert!(no_segments(&spool), "committed sealed segments are deleted");
+    // The configured node, stored once in the spool folder.
+    let stored = logtally::spool::node::stored(&spool).unwrap();
+    assert_eq!(stored.as_deref(), Some("n1"));
 
     stop_tx.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(20), daemon)
@@ -133,4 +133,12 @@ metrics = {{ n = "count", rt = "sum(rt)", rt_min = "min(rt)" }}
         finished >= segments,
         "every segment was committed finished: {records:?}"
     );
+}
+
+/// No segment file left in `dir` (the node id file stays).
+fn no_segments(dir: &Path) -> bool {
+    std::fs::read_dir(dir).unwrap().all(|e| {
+        let name = e.unwrap().file_name();
+        !logtally_spool::is_segment_file_name(&name.to_string_lossy())
+    })
 }

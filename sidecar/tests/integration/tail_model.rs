@@ -1,23 +1,26 @@
 //! Model-based property test of the tailer + aggregator + checkpoint cycle.
 //!
 //! A generated list of actions — append records, append part of a record (a torn tail the
-//! writer completes later), start a segment, seal one, kill a writer (its torn tail stays
-//! torn), poll, flush (aggregates and positions move together into a model database), crash
-//! and restart (all in-memory state dropped, the tailer restarted from the committed
-//! positions) — drives the real [`Tailer`] and [`Aggregator`] over real files in a temporary
-//! folder. After a final seal, poll and flush, every record written whole must be counted
-//! exactly once, and no committed position may ever pass the bytes written.
+//! writer completes later), start a segment, seal one, kill a writer (its lock goes, its torn
+//! tail stays torn), abandon after a failed write (part of a frame, then the lock goes),
+//! truncate a segment by hand, delete one by hand, start a segment under a pid an earlier
+//! writer had (pid reuse, another pid namespace), step the clock back (the next segment's
+//! name sorts before older ones), poll, flush (aggregates and positions move together into
+//! a model database), crash and restart (all in-memory state dropped, the tailer restarted
+//! from the committed positions) — drives the real [`Tailer`] and [`Aggregator`] over real
+//! files in a temporary folder, each live writer holding its segment's lock as the module
+//! does. After a final seal, poll and flush: every record written whole is counted exactly
+//! once, except those a truncation or deletion took (counted at most once); no committed
+//! position ever passes the bytes written, nor is a segment whose lock is held finished.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use logtally::aggregate::{merge_rows, Aggregator, RuleRows};
+use logtally::aggregate::{merge_rows, Aggregator, MetricValue, RuleRows};
 use logtally::config::{Metric, MetricKind, Rule};
-use logtally::spool::liveness::Liveness;
 use logtally::spool::tail::{Position, SegmentEvent, Tailer, TailerOptions};
 use logtally_spool::{encode_event, encode_header, encode_seal, segment_file_name, SegmentHeader};
 use proptest::prelude::*;
@@ -38,10 +41,31 @@ enum Action {
     Seal {
         seg: usize,
     },
-    /// The writer dies: its segment never grows again.
+    /// The writer dies: its lock goes, its segment never grows again.
     Kill {
         seg: usize,
     },
+    /// A write fails part way: a frame's first `cut % len` bytes reach the file, then the
+    /// writer abandons the segment (its lock goes; the record is dropped, not counted).
+    Abandon {
+        seg: usize,
+        cut: usize,
+    },
+    /// Cut by hand to `cut % written` bytes (the writer, seeing it, lets go).
+    Truncate {
+        seg: usize,
+        cut: usize,
+    },
+    /// Removed by hand (the writer, seeing it, lets go).
+    Delete {
+        seg: usize,
+    },
+    /// A new segment whose writer pid is an earlier writer's.
+    PidReuse {
+        of: usize,
+    },
+    /// The clock steps back: the next segment's name sorts before the existing ones.
+    ClockStep,
     Poll {
         budget: u64,
     },
@@ -56,6 +80,11 @@ fn action() -> impl Strategy<Value = Action> {
         1 => Just(Action::NewSegment),
         1 => any::<usize>().prop_map(|seg| Action::Seal { seg }),
         1 => any::<usize>().prop_map(|seg| Action::Kill { seg }),
+        1 => (any::<usize>(), any::<usize>()).prop_map(|(seg, cut)| Action::Abandon { seg, cut }),
+        1 => (any::<usize>(), any::<usize>()).prop_map(|(seg, cut)| Action::Truncate { seg, cut }),
+        1 => any::<usize>().prop_map(|seg| Action::Delete { seg }),
+        1 => any::<usize>().prop_map(|of| Action::PidReuse { of }),
+        1 => Just(Action::ClockStep),
         3 => prop_oneof![Just(60u64), Just(300), Just(u64::MAX)].prop_map(|budget| Action::Poll { budget }),
         2 => Just(Action::Flush),
         1 => Just(Action::Crash),
@@ -97,23 +126,36 @@ struct ModelSeg {
     complete: u64,
     /// The rest of a partially written frame, and its record id.
     pending: Option<(Vec<u8>, u64)>,
-    live: bool,
+    /// The writer's lock, held while it may append (the module's flock).
+    lock: Option<File>,
+    /// Truncated or deleted by hand: its records count at most once.
+    damaged: bool,
+    /// Deleted by hand: none of its records must count.
+    deleted: bool,
+    /// Most bytes the file ever held (a truncation cuts `written`, not what was read).
+    high_water: u64,
+}
+
+impl ModelSeg {
+    fn live(&self) -> bool {
+        self.lock.is_some()
+    }
 }
 
 struct Harness {
     dir: tempfile::TempDir,
     rules: Vec<Rule>,
     segs: Vec<ModelSeg>,
-    dead: Arc<Mutex<HashSet<u32>>>,
     next_id: u64,
-    /// Records written whole (their ids).
-    whole: Vec<u64>,
+    /// Records written whole: id, segment index, end offset.
+    whole: Vec<(u64, usize, u64)>,
+    /// The next segment's name time (ms); a clock step moves it back.
+    clock_ms: u64,
     tailer: Tailer,
     agg: Aggregator,
     /// The model database: committed aggregates and positions.
     db: Vec<RuleRows>,
     committed: Vec<(String, Position)>,
-    now: Instant,
 }
 
 fn record(id: u64) -> Vec<u8> {
@@ -144,40 +186,28 @@ impl Harness {
     fn new() -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let rules = rules();
-        let dead = Arc::new(Mutex::new(HashSet::new()));
-        let tailer = Self::tailer(dir.path(), &dead, HashMap::new());
+        let tailer = Self::tailer(dir.path(), HashMap::new());
         Harness {
             agg: Aggregator::new(&rules),
             rules,
             dir,
             segs: Vec::new(),
-            dead,
             next_id: 0,
             whole: Vec::new(),
+            clock_ms: 1_764_300_000_000,
             tailer,
             db: Vec::new(),
             committed: Vec::new(),
-            now: Instant::now(),
         }
     }
 
-    fn tailer(
-        dir: &Path,
-        dead: &Arc<Mutex<HashSet<u32>>>,
-        start: HashMap<String, Position>,
-    ) -> Tailer {
-        let dead = Arc::clone(dead);
-        let options = TailerOptions {
-            read_buffer: 0,
-            dead_writer_grace: Duration::from_secs(1),
-            liveness: Liveness(Arc::new(move |pid| !dead.lock().unwrap().contains(&pid))),
-        };
-        Tailer::new(dir, start, options)
+    fn tailer(dir: &Path, start: HashMap<String, Position>) -> Tailer {
+        Tailer::new(dir, start, TailerOptions { read_buffer: 0 })
     }
 
     fn live(&self) -> Vec<usize> {
         (0..self.segs.len())
-            .filter(|&i| self.segs[i].live)
+            .filter(|&i| self.segs[i].live())
             .collect()
     }
 
@@ -186,20 +216,24 @@ impl Harness {
         (!live.is_empty()).then(|| live[seg % live.len()])
     }
 
-    fn new_segment(&mut self) {
-        let pid = 1000 + self.segs.len() as u32;
-        let path = self
-            .dir
-            .path()
-            .join(segment_file_name(1_764_300_000_000, pid, 1));
+    /// A new segment as the module makes one: locked, header whole, then named.
+    fn new_segment(&mut self, pid: u32) {
+        let ms = self.clock_ms;
+        self.clock_ms += 1000;
+        let seq = self.segs.len() as u64 + 1;
+        let path = self.dir.path().join(segment_file_name(ms, pid, seq));
         let mut h = Vec::new();
         let header = SegmentHeader {
             writer_pid: pid,
-            created_ms: 1_764_300_000_000,
+            created_ms: ms,
             fields: vec!["id".into(), "g".into(), "v".into()],
         };
         encode_header(&header, &mut h).unwrap();
-        std::fs::write(&path, &h).unwrap();
+        let tmp = self.dir.path().join(".new.tmp");
+        let mut file = File::create(&tmp).unwrap();
+        file.lock().unwrap();
+        file.write_all(&h).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
         let len = h.len() as u64;
         self.segs.push(ModelSeg {
             path,
@@ -207,8 +241,15 @@ impl Harness {
             written: len,
             complete: len,
             pending: None,
-            live: true,
+            lock: Some(file),
+            damaged: false,
+            deleted: false,
+            high_water: len,
         });
+    }
+
+    fn next_pid(&self) -> u32 {
+        1000 + self.segs.len() as u32
     }
 
     /// Writes the rest of a partial frame, if any.
@@ -217,8 +258,9 @@ impl Harness {
         if let Some((rest, id)) = s.pending.take() {
             append(&s.path, &rest);
             s.written += rest.len() as u64;
+            s.high_water = s.high_water.max(s.written);
             s.complete = s.written;
-            self.whole.push(id);
+            self.whole.push((id, i, s.written));
         }
     }
 
@@ -226,7 +268,22 @@ impl Harness {
         let s = &mut self.segs[i];
         append(&s.path, frame);
         s.written += frame.len() as u64;
+        s.high_water = s.high_water.max(s.written);
         s.complete = s.written;
+    }
+
+    /// Appends a frame's first bytes, the rest coming later (or never).
+    fn write_part(&mut self, i: usize, cut: usize) -> (Vec<u8>, u64) {
+        self.finish_pending(i);
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = record(id);
+        let cut = 1 + cut % (frame.len() - 1);
+        let s = &mut self.segs[i];
+        append(&s.path, &frame[..cut]);
+        s.written += cut as u64;
+        s.high_water = s.high_water.max(s.written);
+        (frame[cut..].to_vec(), id)
     }
 
     fn apply(&mut self, a: &Action) {
@@ -238,30 +295,64 @@ impl Harness {
                     let id = self.next_id;
                     self.next_id += 1;
                     self.write_frame(i, &record(id));
-                    self.whole.push(id);
+                    self.whole.push((id, i, self.segs[i].written));
                 }
             }
             Action::Partial { seg, cut } => {
                 let Some(i) = self.pick(seg) else { return };
-                self.finish_pending(i);
-                let id = self.next_id;
-                self.next_id += 1;
-                let frame = record(id);
-                let cut = 1 + cut % (frame.len() - 1);
-                let s = &mut self.segs[i];
-                append(&s.path, &frame[..cut]);
-                s.written += cut as u64;
-                s.pending = Some((frame[cut..].to_vec(), id));
+                let pending = self.write_part(i, cut);
+                self.segs[i].pending = Some(pending);
             }
-            Action::NewSegment => self.new_segment(),
+            Action::Abandon { seg, cut } => {
+                let Some(i) = self.pick(seg) else { return };
+                self.write_part(i, cut);
+                self.segs[i].lock = None;
+            }
+            Action::Truncate { seg, cut } => {
+                let Some(i) = self.pick(seg) else { return };
+                let s = &mut self.segs[i];
+                let cut = cut as u64 % s.written;
+                OpenOptions::new()
+                    .write(true)
+                    .open(&s.path)
+                    .unwrap()
+                    .set_len(cut)
+                    .unwrap();
+                s.written = cut;
+                s.complete = s.complete.min(cut);
+                s.pending = None;
+                s.damaged = true;
+                s.lock = None;
+            }
+            Action::Delete { seg } => {
+                let Some(i) = self.pick(seg) else { return };
+                let s = &mut self.segs[i];
+                std::fs::remove_file(&s.path).unwrap();
+                s.pending = None;
+                s.damaged = true;
+                s.deleted = true;
+                s.lock = None;
+            }
+            Action::PidReuse { of } => {
+                let pid = self.segs[of % self.segs.len()].pid;
+                self.new_segment(pid);
+            }
+            Action::ClockStep => {
+                self.clock_ms -= 3_600_000;
+                let pid = self.next_pid();
+                self.new_segment(pid);
+            }
+            Action::NewSegment => {
+                let pid = self.next_pid();
+                self.new_segment(pid);
+            }
             Action::Seal { seg } => {
                 let Some(i) = self.pick(seg) else { return };
                 self.seal(i);
             }
             Action::Kill { seg } => {
                 let Some(i) = self.pick(seg) else { return };
-                self.segs[i].live = false;
-                self.dead.lock().unwrap().insert(self.segs[i].pid);
+                self.segs[i].lock = None;
             }
             Action::Poll { budget } => {
                 self.poll(budget);
@@ -269,7 +360,7 @@ impl Harness {
             Action::Flush => self.flush(),
             Action::Crash => {
                 let start: HashMap<String, Position> = self.committed.iter().cloned().collect();
-                self.tailer = Self::tailer(self.dir.path(), &self.dead, start);
+                self.tailer = Self::tailer(self.dir.path(), start);
                 self.agg = Aggregator::new(&self.rules);
             }
         }
@@ -280,17 +371,14 @@ impl Harness {
         let mut seal = Vec::new();
         encode_seal(&mut seal, 0, 0, 0);
         self.write_frame(i, &seal);
-        self.segs[i].live = false;
+        self.segs[i].lock = None;
     }
 
     fn poll(&mut self, budget: u64) -> (u64, bool) {
-        // Time moves past the grace period between polls, so a killed writer's idle segment
-        // is abandoned on the poll after the one that saw its last size.
-        self.now += Duration::from_secs(2);
         let agg = &mut self.agg;
         let stats = self
             .tailer
-            .poll_at(self.now, budget, &mut |ev| {
+            .poll(budget, &mut |ev| {
                 if let SegmentEvent::Record {
                     segment, record, ..
                 } = ev
@@ -321,19 +409,19 @@ impl Harness {
                 .find(|s| s.path.file_name().unwrap() == name.as_str())
                 .unwrap_or_else(|| panic!("unknown segment {name}"));
             assert!(
-                p.offset <= s.written,
+                p.offset <= s.high_water,
                 "{name}: position {} past {} bytes written",
                 p.offset,
-                s.written
+                s.high_water
             );
-            if !p.finished {
+            if !p.finished && !s.damaged {
                 assert!(
                     p.offset <= s.complete,
                     "{name}: position {} inside a torn frame",
                     p.offset
                 );
             }
-            if p.finished && s.live {
+            if p.finished && s.live() {
                 panic!("{name}: finished while its writer is alive and the segment unsealed");
             }
         }
@@ -344,8 +432,7 @@ impl Harness {
         for i in self.live() {
             self.seal(i);
         }
-        // Abandoning a killed writer's segment needs two polls (one to see its size, one
-        // after the grace period); a few extra rounds cover budgets cut mid-segment.
+        // A few extra rounds cover budgets cut mid-segment.
         let mut quiet = 0;
         while quiet < 3 {
             let (bytes, more) = self.poll(u64::MAX);
@@ -354,11 +441,24 @@ impl Harness {
         self.flush();
     }
 
-    fn expected(&self) -> Vec<RuleRows> {
+    /// Records that must count once: written whole and not taken by a truncation before
+    /// their end, nor in a segment deleted by hand.
+    fn must_count(&self) -> HashSet<u64> {
+        self.whole
+            .iter()
+            .filter(|&&(_, i, end)| {
+                let s = &self.segs[i];
+                !s.deleted && end <= s.written
+            })
+            .map(|&(id, ..)| id)
+            .collect()
+    }
+
+    fn expected(&self, ids: impl IntoIterator<Item = u64>) -> Vec<RuleRows> {
         let mut agg = Aggregator::new(&self.rules);
         let fields: Vec<String> = vec!["id".into(), "g".into(), "v".into()];
         let layout = agg.layout(&fields);
-        for &id in &self.whole {
+        for id in ids {
             let bytes = record(id);
             match logtally_spool::decode_frame(&bytes) {
                 logtally_spool::Decoded::Frame {
@@ -378,22 +478,55 @@ fn non_empty(rows: Vec<RuleRows>) -> Vec<RuleRows> {
 
 fn run(actions: &[Action]) {
     let mut h = Harness::new();
-    h.new_segment();
+    let pid = h.next_pid();
+    h.new_segment(pid);
     for a in actions {
         h.apply(a);
     }
     h.finish();
     let got = non_empty(h.db.clone());
-    let want = non_empty(h.expected());
-    assert_eq!(got, want, "database differs from the records written whole");
-    // Every id counted exactly once (the first rule groups by id).
-    if let Some(by_id) = got.iter().find(|r| r.rule == 0) {
-        assert_eq!(by_id.rows.len(), h.whole.len());
+    // The ids counted (the first rule groups by id), each exactly once.
+    let mut counted: Vec<u64> = Vec::new();
+    for row in got.iter().filter(|r| r.rule == 0).flat_map(|r| &r.rows) {
+        assert_eq!(
+            row.metrics,
+            vec![MetricValue::Count(1)],
+            "{row:?} counted twice"
+        );
+        counted.push(row.dims[0].parse().unwrap());
     }
-    // Everything finished and committed was deleted.
-    let left: Vec<_> = std::fs::read_dir(h.dir.path()).unwrap().collect();
+    let whole: HashSet<u64> = h.whole.iter().map(|&(id, ..)| id).collect();
+    let must = h.must_count();
+    for id in &counted {
+        assert!(
+            whole.contains(id),
+            "record {id} counted but never written whole"
+        );
+    }
+    let counted_set: HashSet<u64> = counted.iter().copied().collect();
+    let missing: Vec<_> = must.difference(&counted_set).collect();
+    assert!(
+        missing.is_empty(),
+        "records written whole but not counted: {missing:?}"
+    );
+    // The other rule agrees with exactly the counted records.
+    counted.sort_unstable();
+    let want = non_empty(h.expected(counted));
+    assert_eq!(got, want, "database differs from the records counted");
+    // Everything finished and committed was deleted; only segments cut below what was
+    // read stay (left for an operator).
+    let damaged: HashSet<PathBuf> = h
+        .segs
+        .iter()
+        .filter(|s| s.damaged)
+        .map(|s| s.path.clone())
+        .collect();
+    let left: Vec<_> = std::fs::read_dir(h.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !damaged.contains(p))
+        .collect();
     assert!(left.is_empty(), "segments left: {left:?}");
-    assert!(h.tailer.positions().is_empty());
 }
 
 proptest! {
@@ -418,6 +551,31 @@ fn crash_between_poll_and_flush_rereads() {
         NewSegment,
         Kill { seg: 1 },
         Poll { budget: 60 },
+        Flush,
+        Crash,
+        Poll { budget: u64::MAX },
+    ]);
+}
+
+#[test]
+fn faults_of_real_deployments() {
+    use Action::*;
+    run(&[
+        Append { seg: 0, n: 3 },
+        PidReuse { of: 0 },
+        Append { seg: 1, n: 2 },
+        Poll { budget: u64::MAX },
+        Abandon { seg: 0, cut: 4 },
+        ClockStep,
+        Append { seg: 1, n: 2 },
+        Poll { budget: 60 },
+        Flush,
+        Truncate { seg: 0, cut: 70 },
+        Poll { budget: u64::MAX },
+        NewSegment,
+        Append { seg: 1, n: 2 },
+        Delete { seg: 1 },
+        Poll { budget: u64::MAX },
         Flush,
         Crash,
         Poll { budget: u64::MAX },

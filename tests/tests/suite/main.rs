@@ -6,6 +6,7 @@
 
 mod citus;
 mod e2e;
+mod exactly_once;
 mod module;
 mod observability;
 mod operator;

@@ -742,12 +742,15 @@ fn corrupt_records_and_torn_tails_are_counted_and_skipped_the_rest_exact() {
     );
     // A live writer's segment with a torn tail: waited for, not an error (yet).
     let live = FakeWriter::start();
-    hand_segment(&site.spool, live.pid(), 2, &mut load, 500, &[], true);
+    let live_segment = hand_segment(&site.spool, live.pid(), 2, &mut load, 500, &[], true);
+    // A live writer holds its segment's lock (the module's flock): that is what keeps it.
+    let live_lock = std::fs::File::open(&live_segment).unwrap();
+    live_lock.lock().unwrap();
     let config = site.config(db.url());
     let sidecar = start_sidecar(&site, &config);
     wait_for_totals(&db, &load.expected, &site, Duration::from_secs(60));
     // Two corrupt runs (300-301 adjacent, 700) and, once the dead writer's segment is
-    // abandoned (10 s without growth), its torn tail.
+    // abandoned (its lock is free), its torn tail.
     wait_until(Duration::from_secs(40), "3 decode errors", &site, || {
         metric(site.listen, "logtally_decode_errors_total") == Some(3.0)
     });
@@ -762,6 +765,7 @@ fn corrupt_records_and_torn_tails_are_counted_and_skipped_the_rest_exact() {
         load.expected,
         "nothing changed at shutdown"
     );
+    drop(live_lock);
 }
 
 fn check(config: &Path) -> (bool, String) {

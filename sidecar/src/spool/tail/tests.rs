@@ -9,6 +9,18 @@ use std::io::Write;
 /// A pid no process can have (above Linux's pid_max limit).
 const DEAD_PID: u32 = 4_000_000_000;
 
+/// Takes the writer lock of the segment at `path` (creating it empty if needed), as a live
+/// writer holds it; dropping the file lets it go, as a dying writer's kernel does.
+fn hold(path: &Path) -> std::fs::File {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.lock().unwrap();
+    f
+}
+
 fn header(pid: u32) -> Vec<u8> {
     let mut out = Vec::new();
     let h = SegmentHeader {
@@ -37,18 +49,29 @@ fn append(path: &Path, bytes: &[u8]) {
         .unwrap();
 }
 
+/// Segment 1 of this process in `dir` with `bytes` after its header, its lock held: its
+/// name, path and the writer's locked file.
+fn live_segment(dir: &Path, bytes: &[u8]) -> (String, PathBuf, std::fs::File) {
+    let me = std::process::id();
+    let name = segment_file_name(1, me, 1);
+    let path = dir.join(&name);
+    let writer = hold(&path);
+    append(&path, &[&header(me)[..], bytes].concat());
+    (name, path, writer)
+}
+
 struct Got {
     events: Vec<(String, u64)>,
     other: Vec<String>,
 }
 
-fn poll(t: &mut Tailer, budget: u64, now: Instant) -> (Got, PollStats) {
+fn poll(t: &mut Tailer, budget: u64) -> (Got, PollStats) {
     let mut got = Got {
         events: Vec::new(),
         other: Vec::new(),
     };
     let stats = t
-        .poll_at(now, budget, &mut |ev| match ev {
+        .poll(budget, &mut |ev| match ev {
             SegmentEvent::Record {
                 segment, record, ..
             } => {
@@ -71,12 +94,8 @@ fn poll(t: &mut Tailer, budget: u64, now: Instant) -> (Got, PollStats) {
     (got, stats)
 }
 
-fn opts(grace: Duration) -> TailerOptions {
-    TailerOptions {
-        read_buffer: 0,
-        dead_writer_grace: grace,
-        ..TailerOptions::default()
-    }
+fn opts() -> TailerOptions {
+    TailerOptions { read_buffer: 0 }
 }
 
 #[test]
@@ -88,13 +107,14 @@ fn reads_follows_and_seals() {
     let pa = dir.path().join(&a);
     let pb = dir.path().join(&b);
     let hlen = header(me).len() as u64;
+    let _wa = hold(&pa);
+    let _wb = hold(&pb);
     append(&pa, &header(me));
     append(&pa, &[event(1), event(2)].concat());
     append(&pb, &header(me));
     std::fs::write(dir.path().join("notes.txt"), b"not a segment").unwrap();
-    let mut t = Tailer::new(dir.path(), HashMap::new(), opts(Duration::from_secs(3600)));
-    let now = Instant::now();
-    let (got, ps) = poll(&mut t, u64::MAX, now);
+    let mut t = Tailer::new(dir.path(), HashMap::new(), opts());
+    let (got, ps) = poll(&mut t, u64::MAX);
     assert_eq!(got.events, vec![(a.clone(), 1), (a.clone(), 2)]);
     assert_eq!(ps.events, 2);
     assert!(!ps.more);
@@ -125,7 +145,7 @@ fn reads_follows_and_seals() {
     encode_seal(&mut more, 6, 3, 4);
     append(&pa, &more);
     append(&pb, &event(9));
-    let (got, _) = poll(&mut t, u64::MAX, now);
+    let (got, _) = poll(&mut t, u64::MAX);
     assert_eq!(got.events, vec![(a.clone(), 3), (b.clone(), 9)]);
     assert_eq!(got.other, vec!["dropped 4", "sealed 3"]);
     let size_a = std::fs::metadata(&pa).unwrap().len();
@@ -151,7 +171,7 @@ fn reads_follows_and_seals() {
     );
     assert_eq!(t.segments_open(), 1);
     // Nothing new: nothing delivered.
-    let (got, ps) = poll(&mut t, u64::MAX, now);
+    let (got, ps) = poll(&mut t, u64::MAX);
     assert!(got.events.is_empty() && got.other.is_empty());
     assert_eq!(ps, PollStats::default());
 }
@@ -163,19 +183,19 @@ fn torn_tail_waits_then_completes() {
     let a = segment_file_name(1, me, 1);
     let pa = dir.path().join(&a);
     let e2 = event(2);
+    let _w = hold(&pa);
     append(&pa, &[header(me), event(1), e2[..5].to_vec()].concat());
-    let mut t = Tailer::new(dir.path(), HashMap::new(), opts(Duration::ZERO));
-    let now = Instant::now();
-    let (got, _) = poll(&mut t, u64::MAX, now);
+    let mut t = Tailer::new(dir.path(), HashMap::new(), opts());
+    let (got, _) = poll(&mut t, u64::MAX);
     assert_eq!(got.events.len(), 1);
     let before = t.positions()[0].1;
     assert_eq!(before.offset, (header(me).len() + event(1).len()) as u64);
     // Polling again at the same torn tail counts the wait once; a live writer is waited for.
-    poll(&mut t, u64::MAX, now);
+    poll(&mut t, u64::MAX);
     assert_eq!(t.stats().torn_tail_waits, 1);
     assert_eq!(t.positions()[0].1, before);
     append(&pa, &e2[5..]);
-    let (got, _) = poll(&mut t, u64::MAX, now);
+    let (got, _) = poll(&mut t, u64::MAX);
     assert_eq!(got.events, vec![(a, 2)]);
     assert_eq!(t.stats().corrupt_bytes, 0);
 }
@@ -186,12 +206,13 @@ fn header_written_in_pieces() {
     let me = std::process::id();
     let pa = dir.path().join(segment_file_name(1, me, 1));
     let h = header(me);
+    let _w = hold(&pa);
     append(&pa, &h[..10]);
-    let mut t = Tailer::new(dir.path(), HashMap::new(), opts(Duration::ZERO));
-    poll(&mut t, u64::MAX, Instant::now());
+    let mut t = Tailer::new(dir.path(), HashMap::new(), opts());
+    poll(&mut t, u64::MAX);
     assert!(t.positions().is_empty());
     append(&pa, &[&h[10..], &event(1)[..]].concat());
-    let (got, _) = poll(&mut t, u64::MAX, Instant::now());
+    let (got, _) = poll(&mut t, u64::MAX);
     assert_eq!(got.events.len(), 1);
 }
 
@@ -217,8 +238,8 @@ fn corruption_is_skipped_and_counted() {
         ]
         .concat(),
     );
-    let mut t = Tailer::new(dir.path(), HashMap::new(), opts(Duration::from_secs(60)));
-    let (got, _) = poll(&mut t, u64::MAX, Instant::now());
+    let mut t = Tailer::new(dir.path(), HashMap::new(), opts());
+    let (got, _) = poll(&mut t, u64::MAX);
     assert_eq!(
         got.events,
         vec![(a.clone(), 1), (a.clone(), 3), (a.clone(), 4)]
@@ -244,9 +265,9 @@ fn bad_header_is_skipped_once() {
     );
     let good = segment_file_name(2, me, 2);
     append(&dir.path().join(&good), &[header(me), event(5)].concat());
-    let mut t = Tailer::new(dir.path(), HashMap::new(), opts(Duration::ZERO));
-    let (got, _) = poll(&mut t, u64::MAX, Instant::now());
-    poll(&mut t, u64::MAX, Instant::now());
+    let mut t = Tailer::new(dir.path(), HashMap::new(), opts());
+    let (got, _) = poll(&mut t, u64::MAX);
+    poll(&mut t, u64::MAX);
     assert_eq!(got.events, vec![(good.clone(), 5)]);
     assert_eq!(t.stats().bad_headers, 1);
     assert_eq!(t.positions().len(), 1);
@@ -256,17 +277,14 @@ fn bad_header_is_skipped_once() {
 #[test]
 fn restart_resumes_without_redelivery() {
     let dir = tempfile::tempdir().unwrap();
-    let me = std::process::id();
-    let a = segment_file_name(1, me, 1);
-    let pa = dir.path().join(&a);
-    append(&pa, &[header(me), event(1), event(2)].concat());
-    let mut t = Tailer::new(dir.path(), HashMap::new(), opts(Duration::ZERO));
-    poll(&mut t, u64::MAX, Instant::now());
+    let (a, pa, _w) = live_segment(dir.path(), &[event(1), event(2)].concat());
+    let mut t = Tailer::new(dir.path(), HashMap::new(), opts());
+    poll(&mut t, u64::MAX);
     let committed: HashMap<String, Position> = t.positions().into_iter().collect();
     drop(t);
     append(&pa, &event(3));
-    let mut t = Tailer::new(dir.path(), committed, opts(Duration::ZERO));
-    let (got, _) = poll(&mut t, u64::MAX, Instant::now());
+    let mut t = Tailer::new(dir.path(), committed, opts());
+    let (got, _) = poll(&mut t, u64::MAX);
     assert_eq!(got.events, vec![(a, 3)]);
 }
 
@@ -278,11 +296,11 @@ fn budget_splits_reading() {
     let pa = dir.path().join(&a);
     let body: Vec<u8> = (0..100).flat_map(event).collect();
     append(&pa, &[header(me), body].concat());
-    let mut t = Tailer::new(dir.path(), HashMap::new(), opts(Duration::ZERO));
+    let mut t = Tailer::new(dir.path(), HashMap::new(), opts());
     let mut all = Vec::new();
     let mut polls = 0;
     loop {
-        let (got, ps) = poll(&mut t, 200, Instant::now());
+        let (got, ps) = poll(&mut t, 200);
         all.extend(got.events.into_iter().map(|(_, n)| n));
         polls += 1;
         if !ps.more {
@@ -294,22 +312,32 @@ fn budget_splits_reading() {
 }
 
 #[test]
-fn dead_writer_is_abandoned_after_grace() {
+fn free_lock_finishes_at_the_end_held_lock_never() {
     let dir = tempfile::tempdir().unwrap();
     let a = segment_file_name(1, DEAD_PID, 1);
     let pa = dir.path().join(&a);
     let e2 = event(2);
+    // The name's pid is no process (another pid namespace, hidepid, a reused pid: the pid
+    // says nothing); the lock is held: a live writer, however long it stays quiet.
+    let writer = hold(&pa);
     append(
         &pa,
         &[header(DEAD_PID), event(1), e2[..7].to_vec()].concat(),
     );
-    let grace = Duration::from_secs(30);
-    let mut t = Tailer::new(dir.path(), HashMap::new(), opts(grace));
-    let t0 = Instant::now();
-    let (got, _) = poll(&mut t, u64::MAX, t0);
+    let mut t = Tailer::new(dir.path(), HashMap::new(), opts());
+    let (got, _) = poll(&mut t, u64::MAX);
     assert_eq!(got.events.len(), 1);
-    assert!(!t.positions()[0].1.finished, "within the grace period");
-    let (got, _) = poll(&mut t, u64::MAX, t0 + grace);
+    for _ in 0..5 {
+        let (got, _) = poll(&mut t, u64::MAX);
+        assert!(got.other.is_empty(), "{:?}", got.other);
+    }
+    assert!(
+        !t.positions()[0].1.finished,
+        "a held lock is never finished"
+    );
+    // The writer dies: the kernel lets its lock go. Finished on the next poll.
+    drop(writer);
+    let (got, _) = poll(&mut t, u64::MAX);
     assert_eq!(got.other, vec!["abandoned 7"]);
     let size = std::fs::metadata(&pa).unwrap().len();
     assert_eq!(
@@ -327,26 +355,67 @@ fn dead_writer_is_abandoned_after_grace() {
 }
 
 #[test]
-fn live_writer_is_waited_for_but_superseded_segment_is_not() {
+fn live_pid_with_free_lock_is_finished() {
+    // This process is alive, but holds no lock on the segment (a reused pid, a writer that
+    // abandoned it after a failed write): finished once read to its end.
     let dir = tempfile::tempdir().unwrap();
     let me = std::process::id();
     let old = segment_file_name(1, me, 1);
     append(&dir.path().join(&old), &[header(me), event(1)].concat());
-    let mut t = Tailer::new(dir.path(), HashMap::new(), opts(Duration::ZERO));
-    let now = Instant::now();
-    poll(&mut t, u64::MAX, now);
-    poll(&mut t, u64::MAX, now + Duration::from_secs(100));
-    assert!(
-        !t.positions()[0].1.finished,
-        "the writer (this process) is alive"
-    );
-    // A newer segment by the same pid: the old one can never grow again.
     let new = segment_file_name(2, me, 2);
-    append(&dir.path().join(&new), &header(me));
-    let (got, _) = poll(&mut t, u64::MAX, now + Duration::from_secs(200));
+    let _w = hold(&dir.path().join(&new));
+    append(&dir.path().join(&new), &[header(me), event(2)].concat());
+    let mut t = Tailer::new(dir.path(), HashMap::new(), opts());
+    let (got, _) = poll(&mut t, u64::MAX);
+    assert_eq!(got.events, vec![(old.clone(), 1), (new.clone(), 2)]);
     assert_eq!(got.other, vec!["abandoned 0"]);
     let pos = t.positions();
     assert!(pos[0].1.finished && !pos[1].1.finished, "{pos:?}");
+}
+
+#[test]
+fn shorter_than_read_is_a_fault_never_decoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let me = std::process::id();
+    let (a, pa, _w) = live_segment(dir.path(), &[event(1), event(2)].concat());
+    let mut t = Tailer::new(dir.path(), HashMap::new(), opts());
+    let (got, _) = poll(&mut t, u64::MAX);
+    assert_eq!(got.events.len(), 2);
+    let read = t.positions()[0].1;
+    // Cut by hand into the middle of event 2, then grown again past the old position.
+    let cut = (header(me).len() + event(1).len() + 3) as u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pa)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let (got, _) = poll(&mut t, u64::MAX);
+    assert!(got.events.is_empty() && got.other.is_empty());
+    assert_eq!(t.stats().truncated_segments, 1);
+    append(&pa, &[event(3), event(4)].concat());
+    let (got, _) = poll(&mut t, u64::MAX);
+    assert!(
+        got.events.is_empty() && got.other.is_empty(),
+        "not read again"
+    );
+    assert_eq!(t.stats().truncated_segments, 1, "counted once");
+    assert_eq!(t.positions(), vec![(a.clone(), read)], "position kept");
+    assert_eq!(t.segments_open(), 0);
+    // A restart that finds the checkpoint past the end says the same.
+    drop(t);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pa)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let start = HashMap::from([(a.clone(), read)]);
+    let mut t = Tailer::new(dir.path(), start, opts());
+    let (got, _) = poll(&mut t, u64::MAX);
+    assert!(got.events.is_empty() && got.other.is_empty());
+    assert_eq!(t.stats().truncated_segments, 1);
+    assert_eq!(t.positions(), vec![(a, read)]);
 }
 
 #[test]
@@ -358,9 +427,10 @@ fn remove_finished_needs_commit_and_retain() {
     let mut sealed = [header(me), event(1)].concat();
     encode_seal(&mut sealed, 1, 1, 0);
     append(&dir.path().join(&a), &sealed);
+    let _w = hold(&dir.path().join(&b));
     append(&dir.path().join(&b), &[header(me), event(1)].concat());
-    let mut t = Tailer::new(dir.path(), HashMap::new(), opts(Duration::from_secs(60)));
-    poll(&mut t, u64::MAX, Instant::now());
+    let mut t = Tailer::new(dir.path(), HashMap::new(), opts());
+    poll(&mut t, u64::MAX);
     let pos = t.positions();
     let now = SystemTime::now();
     // Not committed yet (an older position): kept.
@@ -399,10 +469,10 @@ fn positions_before_the_first_poll_are_the_start() {
             finished: false,
         },
     )]);
-    let mut t = Tailer::new(dir.path(), start.clone(), opts(Duration::ZERO));
+    let mut t = Tailer::new(dir.path(), start.clone(), opts());
     assert_eq!(t.positions(), start.into_iter().collect::<Vec<_>>());
     // The segment does not exist: forgotten once the folder was read.
-    poll(&mut t, u64::MAX, Instant::now());
+    poll(&mut t, u64::MAX);
     assert!(t.positions().is_empty());
 }
 
@@ -432,9 +502,9 @@ fn frames_and_corruption_across_buffer_refills() {
         n += 1;
     }
     append(&dir.path().join(&a), &file);
-    let mut t = Tailer::new(dir.path(), HashMap::new(), opts(Duration::ZERO));
+    let mut t = Tailer::new(dir.path(), HashMap::new(), opts());
     let mut times = Vec::new();
-    t.poll_at(Instant::now(), u64::MAX, &mut |ev| {
+    t.poll(u64::MAX, &mut |ev| {
         if let SegmentEvent::Record { record, .. } = ev {
             times.push(record.time_ms);
         }
@@ -460,8 +530,8 @@ fn finished_at_start_is_not_read() {
             finished: true,
         },
     )]);
-    let mut t = Tailer::new(dir.path(), start, opts(Duration::ZERO));
-    let (got, _) = poll(&mut t, u64::MAX, Instant::now());
+    let mut t = Tailer::new(dir.path(), start, opts());
+    let (got, _) = poll(&mut t, u64::MAX);
     assert!(got.events.is_empty());
     assert_eq!(
         t.positions(),
