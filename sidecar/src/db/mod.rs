@@ -28,4 +28,5 @@ pub use error::StoreError;
 pub use numeric::SqlNumeric;
 pub use rows::UpsertRows;
 pub use schema::{ShapeDifference, TableMismatch};
+pub use sql::QUANTILES_SQL;
 pub use store::{check, Store, TableState};

@@ -6,6 +6,10 @@ use crate::config::{MetricKind, Rule, CHECKPOINT_TABLE};
 
 use super::schema::{rule_table, TableSpec};
 
+/// The type and functions of `quantiles(f)` columns (`quantiles.sql`): every statement can
+/// run again. The store runs it at start.
+pub const QUANTILES_SQL: &str = include_str!("quantiles.sql");
+
 /// A quoted SQL identifier.
 pub(super) fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
