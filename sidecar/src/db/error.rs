@@ -38,6 +38,15 @@ pub enum StoreError {
         expected: Option<(u64, bool)>,
         found: Option<(u64, bool)>,
     },
+    #[error(
+        "{columns}: distinct(f) needs PostgreSQL's hll extension, which this database lacks: \
+         install the package postgresql-15-hll (the server's major version) and run \
+         CREATE EXTENSION hll; in this database"
+    )]
+    MissingHll {
+        /// The `table.column`s that need it, comma-separated.
+        columns: String,
+    },
     #[error("flush did not finish within {}s", .0.as_secs())]
     Timeout(Duration),
     #[error("{context}: {source}")]
@@ -63,6 +72,7 @@ impl StoreError {
             | StoreError::Timeout(_) => return true,
             StoreError::BadUrl { .. }
             | StoreError::Shape(_)
+            | StoreError::MissingHll { .. }
             | StoreError::CheckpointConflict { .. } => return false,
             StoreError::Db { source, .. } => source,
         };

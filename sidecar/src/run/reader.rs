@@ -185,6 +185,11 @@ impl Reader {
             }
         }
         self.reported_bad = bad;
+        m.sync_aggregates(
+            &self.config.rules,
+            &self.aggregator.rule_counters(),
+            self.aggregator.bad_times(),
+        );
         let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
         view.segments = self.tailer.segments();
         view.oldest_ms.clone_from(&self.oldest_ms);
