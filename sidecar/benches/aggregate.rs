@@ -29,9 +29,11 @@ fn fields() -> Vec<String> {
 }
 
 fn rule() -> Rule {
-    let m = Metric::new;
+    let m = |c: &str, kind| Metric {
+        column: c.into(),
+        kind,
+    };
     Rule {
-        filter: None,
         table: "ad_events_1m".into(),
         bucket: Duration::from_secs(60),
         group_by: vec!["ad".into(), "ev".into(), "cmp".into()],

@@ -12,13 +12,32 @@
 //!
 //! Run: `cargo bench -p logtally --bench sketches`.
 
+#![allow(dead_code)]
+
 use std::hint::black_box;
 use std::time::Instant;
 
-use logtally::aggregate::hll::{self, Hll};
-use logtally::aggregate::numeric_list::{read_number, Reading};
-use logtally::aggregate::quantiles::{Quantiles, DEFAULT_ALPHA};
-use logtally::aggregate::Decimal;
+#[path = "../src/config/condition.rs"]
+pub mod condition_file;
+#[path = "../src/aggregate/hll.rs"]
+pub mod hll_file;
+#[path = "../src/aggregate/numeric_list.rs"]
+pub mod numeric_list_file;
+#[path = "../src/aggregate/quantiles.rs"]
+pub mod quantiles_file;
+
+/// The paths the modules use (`crate::aggregate::…`), as in the library.
+mod aggregate {
+    pub use super::hll_file as hll;
+    pub use super::numeric_list_file as numeric_list;
+    pub use super::quantiles_file as quantiles;
+    pub use logtally::aggregate::Decimal;
+}
+
+use aggregate::hll::{self, Hll};
+use aggregate::numeric_list::{read_number, Reading};
+use aggregate::quantiles::{Quantiles, DEFAULT_ALPHA};
+use aggregate::Decimal;
 use proptest::prelude::Rng;
 use proptest::test_runner::{RngAlgorithm, TestRng};
 
@@ -146,7 +165,7 @@ fn main() {
         q_parse_ns / sum_ns
     );
 
-    let cond = logtally::config::condition::parse_condition("ev = 'view' and status < 400")
+    let cond = condition_file::parse_condition("ev = 'view' and status < 400")
         .unwrap()
         .bind(&["ev", "status", "rt"])
         .unwrap();

@@ -92,17 +92,18 @@ fn action() -> impl Strategy<Value = Action> {
 }
 
 fn rules() -> Vec<Rule> {
-    let metric = Metric::new;
+    let metric = |c: &str, k: MetricKind| Metric {
+        column: c.into(),
+        kind: k,
+    };
     vec![
         Rule {
-            filter: None,
             table: "by_id".into(),
             bucket: Duration::from_secs(60),
             group_by: vec!["id".into()],
             metrics: vec![metric("n", MetricKind::Count)],
         },
         Rule {
-            filter: None,
             table: "by_g".into(),
             bucket: Duration::from_secs(3600),
             group_by: vec!["g".into()],

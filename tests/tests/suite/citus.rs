@@ -28,14 +28,6 @@ use rand::{Rng, SeedableRng};
 /// Prints loudly why a test cannot run here and returns from it.
 macro_rules! require_citus {
     () => {
-        if std::env::var("LOGTALLY_CITUS").map_or(true, |v| v != "1") {
-            eprintln!(
-                "SKIPPED: Citus tests run by hand, serially: LOGTALLY_CITUS=1 cargo test \
-                 --release -p logtally-e2e --test suite citus:: -- --test-threads 1 \
-                 (they start a 3-node cluster each; CI cannot fetch Citus to build it)"
-            );
-            return;
-        }
         if let Some(why) = citus_missing() {
             eprintln!("SKIPPED: citus not installed (run scripts/citus-build.sh): {why}");
             return;
@@ -558,7 +550,7 @@ fn one_row(ad: &str) -> Vec<logtally::aggregate::RuleRows> {
         rows: vec![Row {
             bucket_ms: 1_764_288_000_000,
             dims: vec![ad.to_string(), "view".to_string()],
-            metrics: vec![MetricValue::Count(1), five.clone(), five.clone(), five],
+            metrics: vec![MetricValue::Count(1), five, five, five],
         }],
     }]
 }
@@ -1143,7 +1135,7 @@ fn bench_rows(first_ad: usize) -> Vec<logtally::aggregate::RuleRows> {
             Row {
                 bucket_ms: 1_764_288_000_000,
                 dims: vec![(first_ad + i / 3).to_string(), EVS[i % 3].to_string()],
-                metrics: vec![MetricValue::Count(1), n.clone(), n.clone(), n],
+                metrics: vec![MetricValue::Count(1), n, n, n],
             }
         })
         .collect();
