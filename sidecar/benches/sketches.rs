@@ -12,27 +12,10 @@
 //!
 //! Run: `cargo bench -p logtally --bench sketches`.
 
-#![allow(dead_code)]
-
 use std::hint::black_box;
 use std::time::Instant;
 
-#[path = "../src/config/condition.rs"]
-pub mod condition_file;
-#[path = "../src/aggregate/hll.rs"]
-pub mod hll_file;
-#[path = "../src/aggregate/numeric_list.rs"]
-pub mod numeric_list_file;
-#[path = "../src/aggregate/quantiles.rs"]
-pub mod quantiles_file;
-
-/// The paths the modules use (`crate::aggregate::…`), as in the library.
-mod aggregate {
-    pub use super::hll_file as hll;
-    pub use super::numeric_list_file as numeric_list;
-    pub use super::quantiles_file as quantiles;
-    pub use logtally::aggregate::Decimal;
-}
+use logtally::aggregate;
 
 use aggregate::hll::{self, Hll};
 use aggregate::numeric_list::{read_number, Reading};
@@ -165,7 +148,7 @@ fn main() {
         q_parse_ns / sum_ns
     );
 
-    let cond = condition_file::parse_condition("ev = 'view' and status < 400")
+    let cond = logtally::config::condition::parse_condition("ev = 'view' and status < 400")
         .unwrap()
         .bind(&["ev", "status", "rt"])
         .unwrap();

@@ -2,29 +2,7 @@
 //! `hll` extension builds and unions, and the quantile sketch's SQL functions read what the
 //! Rust sketch holds.
 //!
-//! The sketch modules are not wired into the library yet (the sidecar's layout is being
-//! reorganised), so this file compiles them itself; their own unit tests run here too. Once
-//! they are `logtally::aggregate::{hll, quantiles}` and `logtally::config::condition`, replace
-//! the `#[path]` modules below by `use`s.
-
-#![allow(dead_code)]
-
-#[path = "../src/config/condition.rs"]
-pub mod condition_file;
-#[path = "../src/aggregate/hll.rs"]
-pub mod hll_file;
-#[path = "../src/aggregate/numeric_list.rs"]
-pub mod numeric_list_file;
-#[path = "../src/aggregate/quantiles.rs"]
-pub mod quantiles_file;
-
-/// The paths the modules use (`crate::aggregate::…`), as in the library.
-mod aggregate {
-    pub use super::hll_file as hll;
-    pub use super::numeric_list_file as numeric_list;
-    pub use super::quantiles_file as quantiles;
-    pub use logtally::aggregate::Decimal;
-}
+use logtally::aggregate;
 
 use aggregate::hll::{self, Hll};
 use aggregate::quantiles::{self, Quantiles, QuantilesParts};

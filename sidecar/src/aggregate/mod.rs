@@ -37,8 +37,11 @@
 
 mod decimal;
 mod drained;
+pub mod hll;
 mod key;
 mod merge;
+pub mod numeric_list;
+pub mod quantiles;
 mod top;
 
 pub use decimal::Decimal;

@@ -17,6 +17,7 @@
 //! Every error names the file and the key, e.g.
 //! `logtally.toml: rule[1].metrics.rt_max: unknown function "avg" (expected count, sum(f), min(f), max(f))`.
 
+pub mod condition;
 mod database_url;
 mod duration;
 mod metric;
