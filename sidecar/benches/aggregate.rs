@@ -29,11 +29,9 @@ fn fields() -> Vec<String> {
 }
 
 fn rule() -> Rule {
-    let m = |c: &str, kind| Metric {
-        column: c.into(),
-        kind,
-    };
+    let m = Metric::new;
     Rule {
+        filter: None,
         table: "ad_events_1m".into(),
         bucket: Duration::from_secs(60),
         group_by: vec!["ad".into(), "ev".into(), "cmp".into()],

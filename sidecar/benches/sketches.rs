@@ -15,12 +15,10 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use logtally::aggregate;
-
-use aggregate::hll::{self, Hll};
-use aggregate::numeric_list::{read_number, Reading};
-use aggregate::quantiles::{Quantiles, DEFAULT_ALPHA};
-use aggregate::Decimal;
+use logtally::aggregate::hll::{self, Hll};
+use logtally::aggregate::numeric_list::{read_number, Reading};
+use logtally::aggregate::quantiles::{Quantiles, DEFAULT_ALPHA};
+use logtally::aggregate::Decimal;
 use proptest::prelude::Rng;
 use proptest::test_runner::{RngAlgorithm, TestRng};
 

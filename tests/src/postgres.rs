@@ -204,6 +204,22 @@ impl TestPostgres {
         self.url(name)
     }
 
+    /// A fresh database with the `hll` extension (`distinct(f)` metrics need it), or a loud
+    /// failure naming the Debian package to install.
+    pub async fn create_database_with_hll(&self) -> String {
+        let url = self.create_database().await;
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        let task = tokio::spawn(conn);
+        if let Err(e) = client.batch_execute("CREATE EXTENSION hll").await {
+            panic!("CREATE EXTENSION hll failed (install postgresql-15-hll): {e}");
+        }
+        drop(client);
+        let _ = task.await;
+        url
+    }
+
     /// Stops a private server (fast shutdown), keeping its data and port.
     pub fn stop(&mut self) {
         let Server::Private(p) = &mut self.server else {

@@ -1,6 +1,8 @@
 //! A drained batch in the aggregator's compact form, turned into [`Row`]s a chunk at a time.
 
+use super::hll::Hll;
 use super::key::{decode_key, key_bytes};
+use super::quantiles::Quantiles;
 use super::{Acc, Decimal, KeyRef, MetricValue, Row, RuleRows};
 
 /// One rule's drained aggregates, kept in the aggregator's compact encoding (about a third of
@@ -14,6 +16,9 @@ pub struct DrainedRows {
     pub(super) keys: Vec<KeyRef>,
     pub(super) arena: Vec<u8>,
     pub(super) accs: Vec<i128>,
+    /// The sketches the accumulators of `distinct` and `quantiles` metrics point at.
+    pub(super) hlls: Vec<Hll>,
+    pub(super) quants: Vec<Quantiles>,
 }
 
 impl DrainedRows {
@@ -38,7 +43,7 @@ impl DrainedRows {
                     .accs_kind
                     .iter()
                     .zip(&self.accs[i * n..(i + 1) * n])
-                    .map(|(&a, &v)| value(a, v))
+                    .map(|(&a, &v)| self.value(a, v))
                     .collect();
                 Row {
                     bucket_ms,
@@ -58,8 +63,19 @@ impl DrainedRows {
     }
 }
 
+impl DrainedRows {
+    fn value(&self, acc: Acc, v: i128) -> MetricValue {
+        match acc {
+            Acc::Distinct => MetricValue::Distinct(self.hlls[v as usize].clone()),
+            Acc::Quantiles(_) => MetricValue::Quantiles(self.quants[v as usize].clone()),
+            _ => value(acc, v),
+        }
+    }
+}
+
 fn value(acc: Acc, v: i128) -> MetricValue {
     match acc {
+        Acc::Distinct | Acc::Quantiles(_) => unreachable!("sketches are read by DrainedRows"),
         Acc::Count => MetricValue::Count(v as i64),
         Acc::Sum => MetricValue::Decimal(Some(Decimal(v))),
         Acc::Min | Acc::Max if v == acc.initial() => MetricValue::Decimal(None),

@@ -23,8 +23,8 @@ pub fn merge_rows(rules: &[Rule], parts: impl IntoIterator<Item = RuleRows>) -> 
                     e.insert(row.metrics);
                 }
                 Entry::Occupied(mut e) => {
-                    for ((a, b), m) in e.get_mut().iter_mut().zip(row.metrics).zip(kinds) {
-                        *a = combine_kind(&m.kind, *a, b);
+                    for ((a, b), m) in e.get_mut().iter_mut().zip(&row.metrics).zip(kinds) {
+                        combine_kind(&m.kind, a, b);
                     }
                 }
             }
@@ -46,17 +46,24 @@ pub fn merge_rows(rules: &[Rule], parts: impl IntoIterator<Item = RuleRows>) -> 
         .collect()
 }
 
-/// Combines two values of a metric of `kind` as the store's upsert does.
-pub fn combine_kind(kind: &MetricKind, a: MetricValue, b: MetricValue) -> MetricValue {
+/// Adds `b` into `a`, two values of a metric of `kind`, as the store's upsert does (counts
+/// and sums add, min/max keep the extreme, sketches merge: `hll_union`,
+/// `logtally_quantiles_add`).
+pub fn combine_kind(kind: &MetricKind, a: &mut MetricValue, b: &MetricValue) {
     use MetricValue::{Count, Decimal as D};
     match (kind, a, b) {
-        (MetricKind::Count, Count(x), Count(y)) => Count(x + y),
-        (MetricKind::Sum(_), D(x), D(y)) => D(Some(Decimal(
-            x.unwrap_or_default().0 + y.unwrap_or_default().0,
-        ))),
-        (MetricKind::Min(_), D(x), D(y)) => D(pick(x, y, Ordering::Less)),
-        (MetricKind::Max(_), D(x), D(y)) => D(pick(x, y, Ordering::Greater)),
-        _ => a,
+        (MetricKind::Count, Count(x), Count(y)) => *x += y,
+        (MetricKind::Sum(_), D(x), D(y)) => {
+            *x = Some(Decimal(x.unwrap_or_default().0 + y.unwrap_or_default().0))
+        }
+        (MetricKind::Min(_), D(x), D(y)) => *x = pick(*x, *y, Ordering::Less),
+        (MetricKind::Max(_), D(x), D(y)) => *x = pick(*x, *y, Ordering::Greater),
+        (MetricKind::Distinct(_), MetricValue::Distinct(x), MetricValue::Distinct(y)) => x.merge(y),
+        (MetricKind::Quantiles { .. }, MetricValue::Quantiles(x), MetricValue::Quantiles(y)) => {
+            // One rule's sketches share its accuracy; a mismatch cannot reach here.
+            let _ = x.merge(y);
+        }
+        _ => {}
     }
 }
 

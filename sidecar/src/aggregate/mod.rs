@@ -9,8 +9,10 @@
 //! - `drained.rs`: [`DrainedRows`];
 //! - `merge.rs`: [`merge_rows`], the pure model of the store's additive upsert.
 //!
-//! New aggregates (distinct counts, quantile sketches, conditional counts) belong here too,
-//! each a pure type with its insert, merge and encoding, beside the accumulators.
+//! - `numeric_list.rs`: [`read_number`](numeric_list::read_number), the one rule by which a
+//!   field value reads as a number (lists such as `0.1, 0.2` included);
+//! - `hll.rs`: [`Hll`](hll::Hll), the `distinct(f)` sketch (postgresql-hll's bytes);
+//! - `quantiles.rs`: [`Quantiles`](quantiles::Quantiles), the `quantiles(f)` sketch.
 //!
 //! How records become rows:
 //! - a segment header's field list is mapped to each rule's field indices once
@@ -21,12 +23,22 @@
 //!   are removed (PostgreSQL `text` cannot hold NUL). Absent fields, fields the segment does
 //!   not declare and empty values are all the empty string. Two raw values that normalise to
 //!   the same text share a row;
-//! - a numeric metric's field is parsed as a [`Decimal`]. Absent, undeclared or empty values
-//!   are "no value" (not counted anywhere); any other unparsable value, such as nginx's `-` for
-//!   a missing upstream time, is a *bad value*: counted per metric ([`Aggregator::bad_values`]),
-//!   never an error (a sum that would overflow `i128` counts its value as bad too, though
-//!   values below 10¹⁸ make that need ~10¹¹ events in one row). `sum` adds valid values (0
-//!   when there are none), `min`/`max` are `None` when no event of the row had a valid value;
+//! - a rule's `where` is evaluated first: events it does not match are not aggregated and
+//!   are counted ([`RuleCounters::outside`]); a metric's own `where` decides whether the event
+//!   counts in that metric (the row exists either way). A comparison that needed a number and
+//!   met a non-number is counted ([`RuleCounters::bad_conditions`]);
+//! - a numeric metric's field is read by [`read_number`](numeric_list::read_number) (`max`
+//!   reads a list's largest number, `min` its smallest, `sum` and `quantiles` its sum).
+//!   Absent, undeclared or empty values are "no value" (not counted anywhere); any other
+//!   unparsable value, such as nginx's `-` for a missing upstream time, is a *bad value*:
+//!   counted per metric ([`Aggregator::bad_values`]), never an error. A sum that would
+//!   overflow `i128` is not wrapped: the value is left out and counted per rule
+//!   ([`RuleCounters::overflows`]). `sum` adds valid values (0 when there are none),
+//!   `min`/`max` are `None` when no event of the row had a valid value;
+//! - `distinct(f)` adds the field's raw bytes (non-empty values) to the row's [`Hll`](hll::Hll),
+//!   `quantiles(f)` adds the number to the row's [`Quantiles`](quantiles::Quantiles);
+//! - an event whose time PostgreSQL's `timestamptz` cannot hold (after year 9999) is skipped
+//!   and counted ([`Aggregator::bad_times`]);
 //! - [`Aggregator::drain`] (and [`Aggregator::drain_compact`]) returns rows sorted by
 //!   `(bucket, dims)`: deterministic output, and concurrent sidecars upserting the same keys
 //!   lock rows in the same order.
@@ -54,30 +66,53 @@ use std::hash::BuildHasher;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use logtally_spool::{Record, MAX_FIELDS};
 
+use crate::config::condition::BoundCondition;
 use crate::config::{MetricKind, Rule};
+use hll::Hll;
 use key::{cmp_keys, key_bytes, push_dim};
+use numeric_list::{read_number, Numeric, Reading};
+use quantiles::Quantiles;
+
+/// The last millisecond of year 9999 (UTC): later event times are skipped and counted, as
+/// nothing after it is a time anyone means (and PostgreSQL's range ends not far beyond).
+pub const MAX_EVENT_TIME_MS: u64 = 253_402_300_799_999;
 
 /// A flushed aggregate row of one rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     /// Bucket start, ms since the Unix epoch (event time floored to the rule's bucket).
     pub bucket_ms: i64,
     /// One value per `group_by` column: the field's bytes as UTF-8 (invalid sequences replaced
     /// by U+FFFD, NUL bytes removed); a missing field is the empty string.
     pub dims: Vec<String>,
-    /// One value per metric column, in rule order: `Count` → `MetricValue::Count`, the others
+    /// One value per metric column, in rule order: `Count` → `MetricValue::Count`,
+    /// `Distinct` → `MetricValue::Distinct`, `Quantiles` → `MetricValue::Quantiles`, the others
     /// `MetricValue::Decimal` (`None` for min/max with no valid value; sum is never `None`).
     pub metrics: Vec<MetricValue>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum MetricValue {
     Count(i64),
     Decimal(Option<Decimal>),
+    Distinct(Hll),
+    Quantiles(Quantiles),
+}
+
+/// What one rule counted besides its rows, since the aggregator was made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleCounters {
+    /// Events the rule's `where` did not match (not aggregated).
+    pub outside: u64,
+    /// Comparisons (in `where` of the rule or of a metric) that needed a number and met a
+    /// non-number.
+    pub bad_conditions: u64,
+    /// Values left out of a sum because adding them would overflow.
+    pub overflows: u64,
 }
 
 /// Everything one rule accumulated since the last flush.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RuleRows {
     /// Index into `Config::rules`.
     pub rule: usize,
@@ -94,6 +129,10 @@ struct RuleLayout {
     dims: Vec<u8>,
     /// Record index of each metric's field, or [`MISSING`] (also for `count`).
     metrics: Vec<u8>,
+    /// The rule's `where`, bound to this segment's fields.
+    filter: Option<BoundCondition>,
+    /// Each metric's `where`, bound likewise.
+    metric_filters: Vec<Option<BoundCondition>>,
 }
 
 /// A segment header's field list mapped to every rule's field indices. Build it once per
@@ -105,18 +144,23 @@ pub struct Layout {
     needed: usize,
 }
 
+/// A metric's accumulator: an `i128` per key. For the sketches it is the index of the key's
+/// sketch in the rule's `hlls` or `quants`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Acc {
     Count,
     Sum,
     Min,
     Max,
+    Distinct,
+    /// The index of the rule's empty sketch of this metric's accuracy, in `quant_protos`.
+    Quantiles(u8),
 }
 
 impl Acc {
     fn initial(self) -> i128 {
         match self {
-            Acc::Count | Acc::Sum => 0,
+            Acc::Count | Acc::Sum | Acc::Distinct | Acc::Quantiles(_) => 0,
             // Parsed values are far inside these bounds, so they mean "no value yet".
             Acc::Min => i128::MAX,
             Acc::Max => i128::MIN,
@@ -152,21 +196,29 @@ struct RuleState {
     arena: Vec<u8>,
     /// `accs_kind.len()` accumulators per key, in key order.
     accs: Vec<i128>,
+    /// `distinct` sketches, pointed at by their accumulators.
+    hlls: Vec<Hll>,
+    /// `quantiles` sketches, pointed at by their accumulators.
+    quants: Vec<Quantiles>,
+    /// An empty sketch per `quantiles` metric (its accuracy), cloned for each new key.
+    quant_protos: Vec<Quantiles>,
     /// Bad values per metric since the aggregator was made.
     bad: Vec<u64>,
+    counters: RuleCounters,
 }
 
 /// Accumulates records into per-rule rows until [`drain`](Aggregator::drain)ed.
 #[derive(Debug)]
 pub struct Aggregator {
     rules: Vec<RuleState>,
-    /// Field names each rule reads: (dims, metric fields).
-    fields: Vec<(Vec<String>, Vec<Option<String>>)>,
+    /// The rules, for the field names each reads.
+    config: Vec<Rule>,
     hasher: DefaultHashBuilder,
     key: Vec<u8>,
     text: String,
     cached: Option<(u64, Layout)>,
     events: u64,
+    bad_times: u64,
 }
 
 impl Aggregator {
@@ -174,6 +226,7 @@ impl Aggregator {
         let states = rules
             .iter()
             .map(|r| {
+                let mut quant_protos = Vec::new();
                 let accs_kind: Vec<Acc> = r
                     .metrics
                     .iter()
@@ -182,9 +235,22 @@ impl Aggregator {
                         MetricKind::Sum(_) => Acc::Sum,
                         MetricKind::Min(_) => Acc::Min,
                         MetricKind::Max(_) => Acc::Max,
+                        MetricKind::Distinct(_) => Acc::Distinct,
+                        MetricKind::Quantiles { alpha, .. } => {
+                            // The parser only accepts accuracies the sketch takes.
+                            let proto = Quantiles::new(alpha).unwrap_or_else(|_| {
+                                Quantiles::new(quantiles::DEFAULT_ALPHA).expect("valid")
+                            });
+                            quant_protos.push(proto);
+                            Acc::Quantiles((quant_protos.len() - 1) as u8)
+                        }
                     })
                     .collect();
                 RuleState {
+                    hlls: Vec::new(),
+                    quants: Vec::new(),
+                    quant_protos,
+                    counters: RuleCounters::default(),
                     bucket_ms: r.bucket_ms().max(1),
                     last_bucket: (i64::MAX, i64::MAX, 0),
                     bad: vec![0; accs_kind.len()],
@@ -197,25 +263,15 @@ impl Aggregator {
                 }
             })
             .collect();
-        let fields = rules
-            .iter()
-            .map(|r| {
-                let metrics = r
-                    .metrics
-                    .iter()
-                    .map(|m| m.kind.field().map(str::to_owned))
-                    .collect();
-                (r.group_by.clone(), metrics)
-            })
-            .collect();
         Aggregator {
             rules: states,
-            fields,
+            config: rules.to_vec(),
             hasher: DefaultHashBuilder::default(),
             key: Vec::with_capacity(256),
             text: String::new(),
             cached: None,
             events: 0,
+            bad_times: 0,
         }
     }
 
@@ -228,15 +284,32 @@ impl Aggregator {
                 .position(|f| f == name)
                 .map_or(MISSING, |i| i as u8)
         };
+        // Condition fields the segment lacks read as absent (an index past the values).
+        let mut needed = 0;
+        let mut bind = |c: &Option<crate::config::Condition>| {
+            c.as_ref().map(|c| {
+                c.bind_with(|name| match index(name) {
+                    MISSING => Some(usize::MAX),
+                    i => {
+                        needed = needed.max(usize::from(i) + 1);
+                        Some(usize::from(i))
+                    }
+                })
+                .expect("every name resolves")
+            })
+        };
         let rules: Vec<RuleLayout> = self
-            .fields
+            .config
             .iter()
-            .map(|(dims, metrics)| RuleLayout {
-                dims: dims.iter().map(|d| index(d)).collect(),
-                metrics: metrics
+            .map(|r| RuleLayout {
+                dims: r.group_by.iter().map(|d| index(d)).collect(),
+                metrics: r
+                    .metrics
                     .iter()
-                    .map(|m| m.as_deref().map_or(MISSING, index))
+                    .map(|m| m.kind.field().map_or(MISSING, index))
                     .collect(),
+                filter: bind(&r.filter),
+                metric_filters: r.metrics.iter().map(|m| bind(&m.filter)).collect(),
             })
             .collect();
         let needed = rules
@@ -245,13 +318,19 @@ impl Aggregator {
             .filter(|&&i| i != MISSING)
             .map(|&i| usize::from(i) + 1)
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .max(needed);
         Layout { rules, needed }
     }
 
     /// Adds one record of a segment whose fields `layout` was built from.
     #[inline]
     pub fn add(&mut self, layout: &Layout, record: &Record<'_>) {
+        self.events += 1;
+        if record.time_ms > MAX_EVENT_TIME_MS {
+            self.bad_times += 1;
+            return;
+        }
         add_with(
             &mut self.rules,
             &self.hasher,
@@ -260,7 +339,6 @@ impl Aggregator {
             layout,
             record,
         );
-        self.events += 1;
     }
 
     /// Adds one record, building the layout only when `segment` differs from the previous
@@ -283,6 +361,16 @@ impl Aggregator {
     /// Records added since the aggregator was made.
     pub fn events(&self) -> u64 {
         self.events
+    }
+
+    /// Events skipped because their time is past [`MAX_EVENT_TIME_MS`].
+    pub fn bad_times(&self) -> u64 {
+        self.bad_times
+    }
+
+    /// Per rule, in rule order: what it counted besides its rows.
+    pub fn rule_counters(&self) -> Vec<RuleCounters> {
+        self.rules.iter().map(|r| r.counters.clone()).collect()
     }
 
     /// Bad (unparsable) values per rule and metric since the aggregator was made.
@@ -329,6 +417,8 @@ impl Aggregator {
                     keys,
                     arena,
                     accs,
+                    hlls: std::mem::take(&mut st.hlls),
+                    quants: std::mem::take(&mut st.quants),
                 }
             })
             .collect()
@@ -380,9 +470,18 @@ fn add_n<const N: usize>(
             vals[usize::from(i)]
         }
     };
-    let time = i64::try_from(record.time_ms).unwrap_or(i64::MAX);
+    let time = record.time_ms as i64; // at most MAX_EVENT_TIME_MS (checked by `add`)
+    let values = &vals[..];
 
     for (st, rl) in rules.iter_mut().zip(&layout.rules) {
+        if let Some(filter) = &rl.filter {
+            let o = filter.eval(values);
+            st.counters.bad_conditions += u64::from(o.bad_number);
+            if !o.matched {
+                st.counters.outside += 1;
+                continue;
+            }
+        }
         let (bucket, t) = if time >= st.last_bucket.0 && time < st.last_bucket.1 {
             (st.last_bucket.0, st.last_bucket.2)
         } else {
@@ -418,7 +517,20 @@ fn add_n<const N: usize>(
                 };
                 st.keys.push(k);
                 st.arena.extend_from_slice(key);
-                st.accs.extend(st.accs_kind.iter().map(|a| a.initial()));
+                for &a in &st.accs_kind {
+                    let initial = match a {
+                        Acc::Distinct => {
+                            st.hlls.push(Hll::new());
+                            (st.hlls.len() - 1) as i128
+                        }
+                        Acc::Quantiles(p) => {
+                            st.quants.push(st.quant_protos[usize::from(p)].clone());
+                            (st.quants.len() - 1) as i128
+                        }
+                        other => other.initial(),
+                    };
+                    st.accs.push(initial);
+                }
                 let arena = &st.arena;
                 // Rehashing (when the table grows) recomputes hashes from the arena.
                 table.insert_unique(hash, k, |k| {
@@ -428,12 +540,19 @@ fn add_n<const N: usize>(
             }
         };
         let accs = &mut st.accs[idx * n..(idx + 1) * n];
-        for (m, ((acc, &kind), &fi)) in accs
+        for (m, ((acc, &kind), (&fi, filter))) in accs
             .iter_mut()
             .zip(&st.accs_kind)
-            .zip(&rl.metrics)
+            .zip(rl.metrics.iter().zip(&rl.metric_filters))
             .enumerate()
         {
+            if let Some(filter) = filter {
+                let o = filter.eval(values);
+                st.counters.bad_conditions += u64::from(o.bad_number);
+                if !o.matched {
+                    continue;
+                }
+            }
             if kind == Acc::Count {
                 *acc += 1;
                 continue;
@@ -442,18 +561,36 @@ fn add_n<const N: usize>(
                 Some(raw) if !raw.is_empty() => raw,
                 _ => continue,
             };
-            let Some(Decimal(v)) = Decimal::parse(raw) else {
-                st.bad[m] += 1;
-                continue;
+            let reading = match kind {
+                Acc::Min => Reading::Min,
+                Acc::Max => Reading::Max,
+                Acc::Distinct => {
+                    st.hlls[*acc as usize].insert(raw);
+                    continue;
+                }
+                _ => Reading::Sum,
+            };
+            let v = match read_number(raw, reading) {
+                Numeric::Value(Decimal(v)) => v,
+                Numeric::Empty => continue,
+                Numeric::Bad => {
+                    st.bad[m] += 1;
+                    continue;
+                }
             };
             match kind {
                 Acc::Sum => match acc.checked_add(v) {
                     Some(s) => *acc = s,
-                    None => st.bad[m] += 1,
+                    None => st.counters.overflows += 1,
                 },
                 Acc::Min => *acc = (*acc).min(v),
                 Acc::Max => *acc = (*acc).max(v),
-                Acc::Count => unreachable!("handled above"),
+                Acc::Quantiles(_) => {
+                    if !st.quants[*acc as usize].insert_decimal(Decimal(v)) {
+                        st.bad[m] += 1;
+                    }
+                }
+                Acc::Count | Acc::Distinct => unreachable!("handled above"),
             }
         }
     }

@@ -11,15 +11,13 @@ fn d(s: &str) -> Option<Decimal> {
 
 fn rule(table: &str, bucket_s: u64, group_by: &[&str], metrics: &[(&str, MetricKind)]) -> Rule {
     Rule {
+        filter: None,
         table: table.into(),
         bucket: std::time::Duration::from_secs(bucket_s),
         group_by: group_by.iter().map(|s| s.to_string()).collect(),
         metrics: metrics
             .iter()
-            .map(|(c, k)| Metric {
-                column: c.to_string(),
-                kind: k.clone(),
-            })
+            .map(|(c, k)| Metric::new(c, k.clone()))
             .collect(),
     }
 }
@@ -149,7 +147,7 @@ fn missing_fields_and_other_orders() {
     let dims: Vec<_> = out[0]
         .rows
         .iter()
-        .map(|r| (r.dims.clone(), r.metrics[1]))
+        .map(|r| (r.dims.clone(), r.metrics[1].clone()))
         .collect();
     assert_eq!(
         dims,
@@ -171,7 +169,7 @@ fn non_utf8_and_nul_dims() {
     let rows = agg.drain().remove(0).rows;
     let got: Vec<(String, MetricValue)> = rows
         .into_iter()
-        .map(|r| (r.dims[0].clone(), r.metrics[0]))
+        .map(|r| (r.dims[0].clone(), r.metrics[0].clone()))
         .collect();
     assert_eq!(
         got,
@@ -299,6 +297,7 @@ fn value_strategy() -> impl Strategy<Value = Option<Vec<u8>>> {
         (-500i64..500, 0u32..1000).prop_map(|(i, f)| Some(format!("{i}.{f:03}").into_bytes())),
         Just(Some(b"-".to_vec())),
         Just(Some(b"\xff\0".to_vec())),
+        Just(Some(b"1.5, 2 : -".to_vec())),
     ]
 }
 
@@ -323,7 +322,35 @@ fn prop_rules() -> Vec<Rule> {
             ],
         ),
         rule("r1", 3600, &["d"], &[("s", MetricKind::Sum("a".into()))]),
+        {
+            let mut r = rule(
+                "r2",
+                60,
+                &["a"],
+                &[
+                    ("n", MetricKind::Count),
+                    ("m", MetricKind::Count),
+                    ("s", MetricKind::Sum("c".into())),
+                    ("u", MetricKind::Distinct("b".into())),
+                    (
+                        "q",
+                        MetricKind::Quantiles {
+                            field: "c".into(),
+                            alpha: 0.02,
+                        },
+                    ),
+                ],
+            );
+            r.filter = Some(cond("b != 'b' or d > 0"));
+            r.metrics[1].filter = Some(cond("c < 1 and not a in ('c')"));
+            r.metrics[2].filter = Some(cond("d >= -100"));
+            r
+        },
     ]
+}
+
+fn cond(text: &str) -> crate::config::Condition {
+    crate::config::condition::parse_condition(text).unwrap()
 }
 
 fn aggregate(rules: &[Rule], events: &[Ev]) -> Vec<RuleRows> {
@@ -369,4 +396,104 @@ proptest! {
         let ba = merge_rows(&rules, rb.into_iter().chain(ra));
         prop_assert_eq!(ab, ba);
     }
+}
+
+// ---- conditions, numeric lists, sketches, bad times ----
+
+fn conditional_rule() -> Rule {
+    let mut r = rule(
+        "ad_daily",
+        86_400,
+        &["ad"],
+        &[
+            ("views", MetricKind::Count),
+            ("clicks", MetricKind::Count),
+            ("bytes", MetricKind::Sum("bytes".into())),
+            ("up_max", MetricKind::Max("up".into())),
+            ("up_min", MetricKind::Min("up".into())),
+            ("up_sum", MetricKind::Sum("up".into())),
+            ("reach", MetricKind::Distinct("uid".into())),
+            (
+                "rt",
+                MetricKind::Quantiles {
+                    field: "up".into(),
+                    alpha: 0.01,
+                },
+            ),
+        ],
+    );
+    r.filter = Some(cond("status < 400"));
+    r.metrics[0].filter = Some(cond("ev = 'view'"));
+    r.metrics[1].filter = Some(cond("ev = 'click'"));
+    r.metrics[2].filter = Some(cond("ev in ('view', 'click')"));
+    r
+}
+
+#[test]
+fn conditions_numeric_lists_and_sketches() {
+    let rules = vec![conditional_rule()];
+    let mut agg = Aggregator::new(&rules);
+    let header = fields(&["ad", "ev", "status", "bytes", "up", "uid"]);
+    let t0 = 1_764_288_000_000u64; // a UTC midnight
+    let events: Vec<[Option<&[u8]>; 6]> = vec![
+        [s("7"), s("view"), s("200"), s("10"), s("0.1, 0.2"), s("u1")],
+        [
+            s("7"),
+            s("view"),
+            s("304"),
+            s("5"),
+            s("0.5 : 0.25"),
+            s("u2"),
+        ],
+        [s("7"), s("click"), s("200"), s("1"), s("-, 0.3"), s("u1")],
+        [s("7"), s("other"), s("200"), s("100"), s(""), s("u3")],
+        // Outside the rule's `where`: not aggregated.
+        [s("7"), s("view"), s("500"), s("1000"), s("9"), s("u9")],
+        // Not a number: the comparison is unknown, the event outside, and counted.
+        [s("7"), s("view"), s("oops"), s("1000"), s("9"), s("u9")],
+        // A bad list.
+        [s("7"), s("view"), s("200"), s("x"), s("0.1,0.2"), None],
+    ];
+    for v in &events {
+        with_record(t0, v, |r| agg.add_cached(1, &header, r));
+    }
+    let rows = agg.drain();
+    let row = &rows[0].rows[0];
+    assert_eq!(rows[0].rows.len(), 1);
+    assert_eq!(row.metrics[0], MetricValue::Count(3));
+    assert_eq!(row.metrics[1], MetricValue::Count(1));
+    assert_eq!(row.metrics[2], dec("16"));
+    // Lists: max reads the largest number, min the smallest, sum the sum; `-` skipped.
+    assert_eq!(row.metrics[3], dec("0.5"));
+    assert_eq!(row.metrics[4], dec("0.1"));
+    assert_eq!(row.metrics[5], dec("1.35"));
+    let mut reach = hll::Hll::new();
+    for u in ["u1", "u2", "u3"] {
+        reach.insert(u.as_bytes());
+    }
+    assert_eq!(row.metrics[6], MetricValue::Distinct(reach));
+    let MetricValue::Quantiles(q) = &row.metrics[7] else {
+        panic!("{:?}", row.metrics[7]);
+    };
+    assert_eq!(q.count(), 3);
+    let c = &agg.rule_counters()[0];
+    assert_eq!((c.outside, c.bad_conditions, c.overflows), (2, 1, 0));
+    // `bytes = x` and `up = 0.1,0.2` (a list needs ", ") are bad values.
+    assert_eq!(agg.bad_values()[0], vec![0, 0, 1, 1, 1, 1, 0, 1]);
+}
+
+/// Times after year 9999 are skipped and counted; the last millisecond of 9999 is kept.
+#[test]
+fn unstorable_times_are_counted_and_skipped() {
+    let rules = vec![rule("t", 60, &[], &[("n", MetricKind::Count)])];
+    let mut agg = Aggregator::new(&rules);
+    let header = fields(&["v"]);
+    for t in [1000, MAX_EVENT_TIME_MS + 1, u64::MAX, MAX_EVENT_TIME_MS] {
+        with_record(t, &[s("1")], |r| agg.add_cached(1, &header, r));
+    }
+    assert_eq!(agg.bad_times(), 2);
+    assert_eq!(agg.events(), 4);
+    let rows = agg.drain();
+    assert_eq!(rows[0].rows.len(), 2);
+    assert_eq!(rows[0].rows[1].bucket_ms, MAX_EVENT_TIME_MS as i64 - 59_999);
 }

@@ -219,6 +219,7 @@ mod tests {
         let metric = |column: &str, kind| Metric {
             column: column.into(),
             kind,
+            filter: None,
         };
         vec![
             Rule {
@@ -229,12 +230,14 @@ mod tests {
                     metric("bytes", MetricKind::Sum("n".into())),
                     metric("hits", MetricKind::Count),
                 ],
+                filter: None,
             },
             Rule {
                 table: "no_count".into(),
                 bucket: std::time::Duration::from_secs(60),
                 group_by: vec!["ua".into()],
                 metrics: vec![metric("bytes", MetricKind::Sum("n".into()))],
+                filter: None,
             },
         ]
     }

@@ -33,7 +33,6 @@ use crate::aggregate::numeric_list::{read_number, Numeric, Reading};
 use crate::aggregate::quantiles::DEFAULT_ALPHA;
 use crate::aggregate::Decimal;
 
-#[path = "condition/parse.rs"]
 mod parse;
 
 use parse::Parser;

@@ -9,13 +9,16 @@
 //! - `names.rs`: table and column names (SQL identifiers, reserved words, the
 //!   `logtally_checkpoint` and `bucket` names logtally keeps) and field names (the spool's
 //!   rule);
-//! - `metric.rs`: what a rule computes (`count`, `sum(f)`, `min(f)`, `max(f)`).
+//! - `metric.rs`: what a rule computes (`count`, `sum(f)`, `min(f)`, `max(f)`,
+//!   `distinct(f)`, `quantiles(f)`, each optionally `… where <cond>`);
+//! - `condition.rs` (+ `condition/parse.rs`): the expression language of metrics and of a
+//!   rule's `where`, errors with their position.
 //!
 //! Rules decided here: every key has a default except `[[rule]]` (at least one is
 //! required); a rule's column names do not collide with each other or with `bucket`.
 //!
 //! Every error names the file and the key, e.g.
-//! `logtally.toml: rule[1].metrics.rt_max: unknown function "avg" (expected count, sum(f), min(f), max(f))`.
+//! `logtally.toml: rule[1].metrics.rt_max: at 1: unknown function "avg" (expected count, …)`.
 
 pub mod condition;
 mod database_url;
@@ -24,6 +27,7 @@ mod metric;
 mod names;
 mod size;
 
+pub use condition::Condition;
 pub use database_url::{
     describe, describe_database_url, override_from_env, parse_database_url, ConnectSettings,
     DatabaseUrlSource, TlsMode, UrlError, DATABASE_URL_ENV,
@@ -72,7 +76,7 @@ pub struct Config {
 }
 
 /// One `[[rule]]`: a table of aggregates.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
     /// Validated SQL identifier: `[a-z_][a-z0-9_]*`, at most 63 bytes.
     pub table: String,
@@ -82,9 +86,22 @@ pub struct Rule {
     pub group_by: Vec<String>,
     /// Metric columns, in the order written in the file.
     pub metrics: Vec<Metric>,
+    /// `where`: only events the condition matches are aggregated (the others are counted).
+    pub filter: Option<Condition>,
 }
 
 impl Rule {
+    /// A rule over every event, with no limits.
+    pub fn new(table: &str, bucket: Duration, group_by: &[&str], metrics: Vec<Metric>) -> Rule {
+        Rule {
+            table: table.to_string(),
+            bucket,
+            group_by: group_by.iter().map(|s| s.to_string()).collect(),
+            metrics,
+            filter: None,
+        }
+    }
+
     /// Bucket width in milliseconds (always ≥ 1000).
     pub fn bucket_ms(&self) -> i64 {
         self.bucket.as_millis() as i64
@@ -169,9 +186,12 @@ pub enum Problem {
          not starting with a digit)"
     )]
     BadFieldName(String),
-    #[error("unknown function {0:?} (expected count, sum(f), min(f), max(f))")]
-    UnknownFunction(String),
-    #[error("bad metric {0:?} (expected count, sum(f), min(f), max(f))")]
+    /// A metric expression or condition that does not parse: where and why.
+    #[error("{0}")]
+    Expr(condition::ExprError),
+    #[error(
+        "bad metric {0} (expected a string such as \"count\", \"sum(f)\" or \"count where ev = 'view'\")"
+    )]
     BadMetric(String),
     #[error("column {0:?} is used twice in this rule")]
     DuplicateColumn(String),
@@ -228,6 +248,8 @@ struct RawRule {
     /// Whether the status page may show this rule's top keys.
     #[serde(default = "show_keys_default")]
     show_keys: bool,
+    #[serde(rename = "where")]
+    filter: Option<String>,
 }
 
 fn show_keys_default() -> bool {
@@ -343,20 +365,29 @@ fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 toml::Value::String(s) => s.as_str(),
                 other => return Err(invalid(&k, Problem::BadMetric(other.to_string()))),
             };
-            let kind = parse_metric(text).map_err(|p| invalid(&k, p))?;
+            let (kind, filter) = parse_metric(text).map_err(|e| invalid(&k, Problem::Expr(e)))?;
             metrics.push(Metric {
                 column: column.clone(),
                 kind,
+                filter,
             });
         }
         if !r.show_keys {
             hide_keys.push(r.table.clone());
         }
+        let filter = match &r.filter {
+            Some(text) => Some(
+                condition::parse_condition(text)
+                    .map_err(|e| invalid(&key("where"), Problem::Expr(e)))?,
+            ),
+            None => None,
+        };
         rules.push(Rule {
             table: r.table,
             bucket,
             group_by: r.group_by,
             metrics,
+            filter,
         });
     }
 
@@ -400,11 +431,21 @@ pub fn fields_not_in_spool(config: &Config, declared: &[String]) -> Vec<ConfigEr
             .iter()
             .enumerate()
             .map(|(j, f)| (format!("rule[{i}].group_by[{j}]"), f.as_str()));
-        let metrics = rule.metrics.iter().filter_map(|m| {
-            let f = m.kind.field()?;
-            Some((format!("rule[{i}].metrics.{}", m.column), f))
+        let metrics = rule.metrics.iter().flat_map(|m| {
+            let key = format!("rule[{i}].metrics.{}", m.column);
+            let filter = m.filter.iter().flat_map(Condition::fields);
+            m.kind
+                .field()
+                .into_iter()
+                .chain(filter)
+                .map(move |f| (key.clone(), f))
         });
-        for (key, field) in group_by.chain(metrics) {
+        let filter = rule
+            .filter
+            .iter()
+            .flat_map(Condition::fields)
+            .map(|f| (format!("rule[{i}].where"), f));
+        for (key, field) in group_by.chain(metrics).chain(filter) {
             if !known(field) {
                 errors.push(ConfigError::Invalid {
                     path: config.path.display().to_string(),
@@ -469,11 +510,16 @@ impl Config {
             let metrics: Vec<String> = r
                 .metrics
                 .iter()
-                .map(|m| format!("{} = {}", m.column, m.kind))
+                .map(|m| format!("{} = {}", m.column, m.expression()))
                 .collect();
+            let filter = r
+                .filter
+                .as_ref()
+                .map(|c| format!(" where {c}"))
+                .unwrap_or_default();
             let _ = writeln!(
                 s,
-                "rule[{i}]       {} bucket {} group_by [{}] metrics {{ {} }}",
+                "rule[{i}]       {} bucket {} group_by [{}]{filter} metrics {{ {} }}",
                 r.table,
                 format_duration(r.bucket),
                 r.group_by.join(", "),

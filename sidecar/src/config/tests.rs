@@ -150,26 +150,43 @@ fn unknown_function() {
     let e = err(&RULE.replace("max(rt)", "avg(rt)"));
     assert_eq!(
         e,
-        "logtally.toml: rule[0].metrics.rt_max: unknown function \"avg\" (expected count, sum(f), min(f), max(f))"
+        "logtally.toml: rule[0].metrics.rt_max: at 1: unknown function \"avg\" (expected count, \
+         sum(f), min(f), max(f), distinct(f), quantiles(f))"
     );
     let e = err(&RULE.replace("\"count\"", "\"total\""));
     assert!(
-        e.contains("rule[0].metrics.events: unknown function \"total\""),
+        e.contains("rule[0].metrics.events: at 1: unknown function \"total\""),
         "{e}"
     );
     let e = err(&RULE.replace("sum(bytes)", "sum(bytes"));
     assert!(
-        e.contains("rule[0].metrics.bytes: bad metric \"sum(bytes\""),
-        "{e}"
-    );
-    let e = err(&RULE.replace("sum(bytes)", "sum(by-tes)"));
-    assert!(
-        e.contains("rule[0].metrics.bytes: invalid field name \"by-tes\""),
+        e.contains("rule[0].metrics.bytes: at 10: expected ')'"),
         "{e}"
     );
     let e = err(&RULE.replace("\"count\"", "3"));
+    assert!(e.contains("rule[0].metrics.events: bad metric 3"), "{e}");
+}
+
+/// Conditions: a rule's `where` and a metric's, errors at their position.
+#[test]
+fn conditions() {
+    let text = RULE.replace("metrics  =", "where = \"status < 400\"\nmetrics  =");
+    let c = p(&text.replace("\"count\"", "\"count where ev = 'view'\"")).unwrap();
+    let r = &c.rules[0];
+    assert_eq!(r.filter.as_ref().unwrap().to_string(), "status < 400");
+    assert_eq!(
+        r.metrics[0].filter.as_ref().unwrap().to_string(),
+        "ev = 'view'"
+    );
+    assert_eq!(r.metrics[0].expression(), "count where ev = 'view'");
+    let e = err(&RULE.replace("\"count\"", "\"count where ev =\""));
+    assert_eq!(
+        e,
+        "logtally.toml: rule[0].metrics.events: at 17: expected a value after '='"
+    );
+    let e = err(&text.replace("status < 400", "status < 'x'"));
     assert!(
-        e.contains("rule[0].metrics.events: bad metric \"3\""),
+        e.starts_with("logtally.toml: rule[0].where: at 10: expected a number after '<'"),
         "{e}"
     );
 }
@@ -178,17 +195,17 @@ fn unknown_function() {
 fn metric_forms() {
     assert_eq!(
         parse_metric(" sum( bytes ) "),
-        Ok(MetricKind::Sum("bytes".into()))
+        Ok((MetricKind::Sum("bytes".into()), None))
     );
-    assert_eq!(parse_metric("count"), Ok(MetricKind::Count));
+    assert_eq!(parse_metric("count"), Ok((MetricKind::Count, None)));
     assert_eq!(
         parse_metric("min(Rt_1)"),
-        Ok(MetricKind::Min("Rt_1".into()))
+        Ok((MetricKind::Min("Rt_1".into()), None))
     );
-    assert_eq!(
-        parse_metric("max()"),
-        Err(Problem::BadFieldName(String::new()))
-    );
+    assert!(parse_metric("max()").is_err());
+    let (kind, filter) = parse_metric("count where ev = 'view'").unwrap();
+    assert_eq!(kind, MetricKind::Count);
+    assert_eq!(filter.unwrap().to_string(), "ev = 'view'");
 }
 
 #[test]

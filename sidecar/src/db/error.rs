@@ -50,6 +50,15 @@ pub enum StoreError {
         expected: Option<(u64, bool)>,
         found: Option<(u64, bool)>,
     },
+    #[error(
+        "{columns}: distinct(f) needs PostgreSQL's hll extension, which this database lacks: \
+         install the package postgresql-15-hll (the server's major version) and run \
+         CREATE EXTENSION hll; in this database"
+    )]
+    MissingHll {
+        /// The `table.column`s that need it, comma-separated.
+        columns: String,
+    },
     #[error("flush did not finish within {}s", .0.as_secs())]
     Timeout(Duration),
     #[error("{context}: {}", server_message(.error))]
@@ -158,6 +167,7 @@ impl StoreError {
             StoreError::BadUrl { .. }
             | StoreError::Tls(_)
             | StoreError::Shape(_)
+            | StoreError::MissingHll { .. }
             | StoreError::CheckpointConflict { .. } => return ErrorClass::Fatal,
             // A certificate the roots do not vouch for: the operator's to fix.
             StoreError::Connect { error, .. } if is_certificate_error(error) => {

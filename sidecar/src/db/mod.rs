@@ -30,6 +30,6 @@ pub use error::{server_message, ErrorClass, FailureLog, StoreError};
 pub use numeric::SqlNumeric;
 pub use rows::UpsertRows;
 pub use schema::{checkpoint_table, rule_table, ShapeDifference, TableMismatch};
-pub use sql::create_sql;
+pub use sql::{create_sql, QUANTILES_SQL};
 pub use store::{check, Store, TableState};
 pub use tls::TlsError;

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::types::ToSql;
 
+use crate::aggregate::hll::Hll;
 use crate::aggregate::{combine_kind, DrainedRows, MetricValue, Row, RuleRows};
 use crate::config::{MetricKind, Rule};
 
@@ -27,7 +28,7 @@ fn combine(rule: &Rule, into: &mut Row, from: &Row) {
         .zip(into.metrics.iter_mut())
         .zip(&from.metrics)
     {
-        *a = combine_kind(&m.kind, *a, *b);
+        combine_kind(&m.kind, a, b);
     }
 }
 
@@ -166,6 +167,31 @@ pub(super) fn rule_params<'a>(
             MetricKind::Min(_) | MetricKind::Max(_) => {
                 let col: Vec<Option<SqlNumeric>> =
                     rows.iter().map(|r| decimal(r).map(SqlNumeric)).collect();
+                params.push(Box::new(col));
+            }
+            // `hll_send`'s bytes, cast to `hll` by the upsert; an empty sketch is written too
+            // (the column is `NOT NULL`: a row whose events had no value reads 0).
+            MetricKind::Distinct(_) => {
+                let col: Vec<Vec<u8>> = rows
+                    .iter()
+                    .map(|r| match r.metrics.get(i) {
+                        Some(MetricValue::Distinct(h)) => h.encode(),
+                        _ => Hll::new().encode(),
+                    })
+                    .collect();
+                params.push(Box::new(col));
+            }
+            // The composite's text form, cast by the upsert; NULL when no event had a value.
+            MetricKind::Quantiles { .. } => {
+                let col: Vec<Option<String>> = rows
+                    .iter()
+                    .map(|r| match r.metrics.get(i) {
+                        Some(MetricValue::Quantiles(q)) if !q.is_empty() => {
+                            Some(q.to_sql_literal())
+                        }
+                        _ => None,
+                    })
+                    .collect();
                 params.push(Box::new(col));
             }
         }

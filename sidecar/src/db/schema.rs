@@ -5,6 +5,11 @@ use std::fmt;
 
 use crate::config::{Config, MetricKind, Rule, CHECKPOINT_TABLE};
 
+/// The column type of `distinct(f)` metrics (the postgresql-hll extension's).
+pub const HLL_TYPE: &str = "hll";
+/// The column type of `quantiles(f)` metrics (`quantiles.sql`'s composite).
+pub const QUANTILES_TYPE: &str = "logtally_quantiles";
+
 /// A column a table must have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ColumnSpec {
@@ -150,6 +155,8 @@ pub fn rule_table(rule: &Rule) -> TableSpec {
             MetricKind::Count => ("bigint", true),
             MetricKind::Sum(_) => ("numeric", true),
             MetricKind::Min(_) | MetricKind::Max(_) => ("numeric", false),
+            MetricKind::Distinct(_) => (HLL_TYPE, true),
+            MetricKind::Quantiles { .. } => (QUANTILES_TYPE, false),
         };
         columns.push(ColumnSpec {
             name: m.column.clone(),

@@ -6,6 +6,15 @@ use crate::config::{MetricKind, Rule, CHECKPOINT_TABLE};
 
 use super::schema::{rule_table, TableSpec};
 
+/// The type and functions of `quantiles(f)` columns (`quantiles.sql`): every statement can
+/// run again. The store runs it at start.
+pub const QUANTILES_SQL: &str = include_str!("quantiles.sql");
+
+/// Serialises the installation of [`QUANTILES_SQL`] across sidecars (transaction-scoped).
+pub(super) fn install_lock_sql() -> String {
+    "SELECT pg_advisory_xact_lock(hashtextextended('logtally:install quantiles.sql', 0))".into()
+}
+
 /// A quoted SQL identifier.
 pub(super) fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
@@ -40,15 +49,24 @@ pub fn upsert_sql(rule: &Rule) -> String {
     let spec = rule_table(rule);
     let names: Vec<String> = spec.columns.iter().map(|c| quote(&c.name)).collect();
     let mut arrays = vec!["$1::timestamptz[]".to_string()];
+    // What the SELECT takes from each unnested column: sketches travel as bytea / text
+    // arrays (an array of a composite would unnest into its fields) and are cast per row.
+    let mut selected = vec!["c1".to_string()];
     let mut n = 1;
     for _ in &rule.group_by {
         n += 1;
         arrays.push(format!("${n}::text[]"));
+        selected.push(format!("c{n}"));
     }
     let mut updates = Vec::new();
     for m in &rule.metrics {
         n += 1;
         let c = quote(&m.column);
+        selected.push(match m.kind {
+            MetricKind::Distinct(_) => format!("c{n}::hll"),
+            MetricKind::Quantiles { .. } => format!("c{n}::logtally_quantiles"),
+            _ => format!("c{n}"),
+        });
         let (array, update) = match m.kind {
             MetricKind::Count => (
                 format!("${n}::int8[]"),
@@ -67,6 +85,15 @@ pub fn upsert_sql(rule: &Rule) -> String {
                 format!("${n}::numeric[]"),
                 format!("{c} = greatest(cur.{c}, excluded.{c})"),
             ),
+            // `hll_send` bytes; bytea casts to hll without a function.
+            MetricKind::Distinct(_) => (
+                format!("${n}::bytea[]"),
+                format!("{c} = hll_union(cur.{c}, excluded.{c})"),
+            ),
+            MetricKind::Quantiles { .. } => (
+                format!("${n}::text[]"),
+                format!("{c} = logtally_quantiles_add(cur.{c}, excluded.{c})"),
+            ),
         };
         arrays.push(array);
         updates.push(update);
@@ -77,12 +104,15 @@ pub fn upsert_sql(rule: &Rule) -> String {
     } else {
         format!("DO UPDATE SET {}", updates.join(", "))
     };
+    let aliases: Vec<String> = (1..=n).map(|i| format!("c{i}")).collect();
     format!(
-        "INSERT INTO {table} AS cur ({cols}) SELECT * FROM unnest({arrays}) \
-         ON CONFLICT ({key}) {action}",
+        "INSERT INTO {table} AS cur ({cols}) SELECT {selected} FROM unnest({arrays}) \
+         AS u({aliases}) ON CONFLICT ({key}) {action}",
         table = quote(&rule.table),
         cols = names.join(", "),
+        selected = selected.join(", "),
         arrays = arrays.join(", "),
+        aliases = aliases.join(", "),
         key = key.join(", "),
     )
 }

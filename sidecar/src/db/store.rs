@@ -15,7 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::config::{describe, parse_database_url, Config, Rule, TlsMode};
+use crate::config::{describe, parse_database_url, Config, MetricKind, Rule, TlsMode};
 
 use super::checkpoint::{compare_checkpoint, CheckpointEntry, CheckpointState, FlushOutcome};
 use super::rows::{rule_params, UpsertRows, UPSERT_CHUNK};
@@ -24,7 +24,7 @@ use super::schema::{
 };
 use super::sql::{
     checkpoint_delete_finished_sql, checkpoint_load_sql, checkpoint_lock_sql, checkpoint_read_sql,
-    checkpoint_upsert_sql, create_sql, quote, upsert_sql,
+    checkpoint_upsert_sql, create_sql, install_lock_sql, quote, upsert_sql, QUANTILES_SQL,
 };
 use super::{server_message, tls, StoreError};
 
@@ -145,12 +145,68 @@ pub async fn check(config: &Config) -> Result<Vec<(String, TableState)>, StoreEr
         .collect())
 }
 
+/// The `table.column`s of `distinct(f)` metrics, comma-separated (empty: none).
+fn hll_columns(config: &Config) -> String {
+    let cols: Vec<String> = config
+        .rules
+        .iter()
+        .flat_map(|r| {
+            r.metrics
+                .iter()
+                .filter(|m| matches!(m.kind, MetricKind::Distinct(_)))
+                .map(move |m| format!("{}.{}", r.table, m.column))
+        })
+        .collect();
+    cols.join(", ")
+}
+
+/// Refuses a configuration with `distinct(f)` metrics when the database lacks `hll`.
+async fn require_hll(client: &Client, config: &Config) -> Result<(), StoreError> {
+    let columns = hll_columns(config);
+    if columns.is_empty() {
+        return Ok(());
+    }
+    let found = client
+        .query_opt("SELECT 1 FROM pg_extension WHERE extname = 'hll'", &[])
+        .await
+        .map_err(StoreError::db("look for the hll extension"))?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(StoreError::MissingHll { columns }),
+    }
+}
+
+/// Installs the `logtally_quantiles` type and functions when a rule has `quantiles(f)`: one
+/// transaction under an advisory lock, so sidecars starting together do not race on the
+/// catalog (`CREATE OR REPLACE FUNCTION` of two sessions at once fails).
+async fn install_quantiles(client: &mut Client, config: &Config) -> Result<(), StoreError> {
+    let needed = config.rules.iter().any(|r| {
+        r.metrics
+            .iter()
+            .any(|m| matches!(m.kind, MetricKind::Quantiles { .. }))
+    });
+    if !needed {
+        return Ok(());
+    }
+    let tx = client
+        .transaction()
+        .await
+        .map_err(StoreError::db("install quantiles"))?;
+    tx.batch_execute(&format!("{};\n{QUANTILES_SQL}", install_lock_sql()))
+        .await
+        .map_err(StoreError::db("install quantiles"))?;
+    tx.commit()
+        .await
+        .map_err(StoreError::db("install quantiles"))
+}
+
 /// Every table's state; an error naming every difference if any existing table has the
 /// wrong shape.
 async fn inspect(
     client: &Client,
     config: &Config,
 ) -> Result<Vec<(TableSpec, TableState)>, StoreError> {
+    require_hll(client, config).await?;
     let mut states = Vec::new();
     let mut mismatches = Vec::new();
     for spec in all_tables(config) {
@@ -197,7 +253,9 @@ impl Store {
     /// Connects, creates missing tables, refuses tables of the wrong shape, prepares the
     /// statements.
     pub async fn connect(config: &Config) -> Result<Store, StoreError> {
-        let (client, task) = connect_client(&config.database_url).await?;
+        let (mut client, task) = connect_client(&config.database_url).await?;
+        // Before the tables: a `quantiles` column needs its type (`inspect` checks hll).
+        install_quantiles(&mut client, config).await?;
         // Check every table before creating any, so a refusal leaves the database untouched.
         let missing: Vec<TableSpec> = inspect(&client, config)
             .await?

@@ -20,23 +20,28 @@ use crate::config::{Metric, MetricKind, Rule};
 
 fn rule() -> Rule {
     Rule {
+        filter: None,
         table: "ad_events_1m".into(),
         bucket: Duration::from_secs(60),
         group_by: vec!["ad".into(), "ev".into()],
         metrics: vec![
             Metric {
+                filter: None,
                 column: "events".into(),
                 kind: MetricKind::Count,
             },
             Metric {
+                filter: None,
                 column: "bytes".into(),
                 kind: MetricKind::Sum("bytes".into()),
             },
             Metric {
+                filter: None,
                 column: "rt_min".into(),
                 kind: MetricKind::Min("rt".into()),
             },
             Metric {
+                filter: None,
                 column: "rt_max".into(),
                 kind: MetricKind::Max("rt".into()),
             },
@@ -80,12 +85,48 @@ fn upsert_is_additive_and_binds_every_value() {
     assert_eq!(
         sql,
         "INSERT INTO \"ad_events_1m\" AS cur (\"bucket\", \"ad\", \"ev\", \"events\", \
-         \"bytes\", \"rt_min\", \"rt_max\") SELECT * FROM unnest($1::timestamptz[], \
-         $2::text[], $3::text[], $4::int8[], $5::numeric[], $6::numeric[], \
-         $7::numeric[]) ON CONFLICT (\"bucket\", \"ad\", \"ev\") DO UPDATE SET \
+         \"bytes\", \"rt_min\", \"rt_max\") SELECT c1, c2, c3, c4, c5, c6, c7 FROM \
+         unnest($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::numeric[], \
+         $6::numeric[], $7::numeric[]) AS u(c1, c2, c3, c4, c5, c6, c7) ON CONFLICT (\"bucket\", \"ad\", \"ev\") DO UPDATE SET \
          \"events\" = cur.\"events\" + excluded.\"events\", \"bytes\" = cur.\"bytes\" + \
          excluded.\"bytes\", \"rt_min\" = least(cur.\"rt_min\", excluded.\"rt_min\"), \
          \"rt_max\" = greatest(cur.\"rt_max\", excluded.\"rt_max\")"
+    );
+}
+
+/// Sketches travel as bytea / text arrays and are cast per row, merged by their functions.
+#[test]
+fn sketch_columns_cast_per_row_and_merge() {
+    let mut r = rule();
+    r.metrics = vec![
+        Metric::new("reach", MetricKind::Distinct("uid".into())),
+        Metric::new(
+            "rt",
+            MetricKind::Quantiles {
+                field: "rt".into(),
+                alpha: 0.01,
+            },
+        ),
+    ];
+    let sql = upsert_sql(&r);
+    assert!(
+        sql.contains("SELECT c1, c2, c3, c4::hll, c5::logtally_quantiles FROM unnest(")
+            && sql.contains("$4::bytea[], $5::text[]) AS u(c1, c2, c3, c4, c5)")
+            && sql.contains("\"reach\" = hll_union(cur.\"reach\", excluded.\"reach\")")
+            && sql.contains("\"rt\" = logtally_quantiles_add(cur.\"rt\", excluded.\"rt\")"),
+        "{sql}"
+    );
+    let spec = rule_table(&r);
+    let types: Vec<&str> = spec.columns.iter().map(|c| c.sql_type).collect();
+    assert_eq!(
+        types,
+        [
+            "timestamp with time zone",
+            "text",
+            "text",
+            "hll",
+            "logtally_quantiles"
+        ]
     );
 }
 

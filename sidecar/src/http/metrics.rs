@@ -13,6 +13,7 @@ use prometheus::{
 
 use std::sync::Mutex;
 
+use crate::aggregate::RuleCounters;
 use crate::config::Rule;
 use crate::spool::tail::TailStats;
 
@@ -68,6 +69,16 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// The tailer totals last folded into the counters (see [`Metrics::sync_tail`]).
     tail_seen: Mutex<TailStats>,
+    /// Events a rule's `where` left out (label `rule`).
+    pub filtered_events: IntCounterVec,
+    /// Comparisons in conditions that met a non-number (label `rule`).
+    pub condition_bad_values: IntCounterVec,
+    /// Values left out of a sum that would overflow (label `rule`).
+    pub sum_overflows: IntCounterVec,
+    /// Events skipped because PostgreSQL cannot store their time (after year 9999).
+    pub bad_time_events: IntCounter,
+    /// The aggregator totals last folded in (see [`Metrics::sync_aggregates`]).
+    aggregates_seen: Mutex<(Vec<RuleCounters>, u64)>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -196,6 +207,28 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        let per_rule = |name: &str, help: &str| -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), &["rule"])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let filtered_events = per_rule(
+            "logtally_filtered_events_total",
+            "Events a rule's `where` did not match (not aggregated).",
+        )?;
+        let condition_bad_values = per_rule(
+            "logtally_condition_bad_values_total",
+            "Comparisons in a rule's conditions that needed a number and met a non-number.",
+        )?;
+        let sum_overflows = per_rule(
+            "logtally_sum_overflows_total",
+            "Values left out of a sum because adding them would overflow.",
+        )?;
+        let bad_time_events = counter(
+            "logtally_bad_time_events_total",
+            "Events skipped because their time is past year 9999 (PostgreSQL cannot store it).",
+        )?;
+
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -223,6 +256,11 @@ impl Metrics {
             database_up,
             ready,
             tail_seen: Mutex::new(TailStats::default()),
+            filtered_events,
+            condition_bad_values,
+            sum_overflows,
+            bad_time_events,
+            aggregates_seen: Mutex::new((Vec::new(), 0)),
         })
     }
 
@@ -232,6 +270,13 @@ impl Metrics {
         use crate::config::MetricKind;
         for rule in rules {
             self.rows_upserted.with_label_values(&[rule.table.as_str()]);
+            for c in [
+                &self.filtered_events,
+                &self.condition_bad_values,
+                &self.sum_overflows,
+            ] {
+                c.with_label_values(&[rule.table.as_str()]);
+            }
             for m in &rule.metrics {
                 if !matches!(m.kind, MetricKind::Count) {
                     self.bad_values
@@ -259,6 +304,33 @@ impl Metrics {
         self.segments_deleted
             .inc_by(delta(now.deleted_segments, seen.deleted_segments));
         *seen = *now;
+    }
+
+    /// Brings the per-rule aggregation counters up to an aggregator's cumulative totals
+    /// ([`Aggregator::rule_counters`](crate::aggregate::Aggregator::rule_counters), in rule
+    /// order, and its `bad_times`): call it after each poll, as [`sync_tail`](Metrics::sync_tail).
+    pub fn sync_aggregates(&self, rules: &[Rule], now: &[RuleCounters], bad_times: u64) {
+        let mut seen = self
+            .aggregates_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let delta = |new: u64, old: u64| if new >= old { new - old } else { new };
+        let zero = RuleCounters::default();
+        for (i, (rule, c)) in rules.iter().zip(now).enumerate() {
+            let old = seen.0.get(i).unwrap_or(&zero);
+            let label = [rule.table.as_str()];
+            self.filtered_events
+                .with_label_values(&label)
+                .inc_by(delta(c.outside, old.outside));
+            self.condition_bad_values
+                .with_label_values(&label)
+                .inc_by(delta(c.bad_conditions, old.bad_conditions));
+            self.sum_overflows
+                .with_label_values(&label)
+                .inc_by(delta(c.overflows, old.overflows));
+        }
+        self.bad_time_events.inc_by(delta(bad_times, seen.1));
+        *seen = (now.to_vec(), bad_times);
     }
 
     /// Counts rows upserted for one rule (by its table name).
@@ -411,15 +483,18 @@ mod tests {
     fn init_rules_creates_zero_series_for_non_count_metrics_only() {
         let m = Metrics::new().unwrap();
         m.init_rules(&[Rule {
+            filter: None,
             table: "t1".into(),
             bucket: std::time::Duration::from_secs(60),
             group_by: vec!["ad".into()],
             metrics: vec![
                 Metric {
+                    filter: None,
                     column: "events".into(),
                     kind: MetricKind::Count,
                 },
                 Metric {
+                    filter: None,
                     column: "rt_max".into(),
                     kind: MetricKind::Max("rt".into()),
                 },

@@ -489,15 +489,18 @@ mod tests {
     #[test]
     fn lag_totals_and_json_shape() {
         let rule = Rule {
+            filter: None,
             table: "ad_events_1m".into(),
             bucket: Duration::from_secs(60),
             group_by: vec!["ad".into(), "ev".into()],
             metrics: vec![
                 Metric {
+                    filter: None,
                     column: "events".into(),
                     kind: MetricKind::Count,
                 },
                 Metric {
+                    filter: None,
                     column: "bytes".into(),
                     kind: MetricKind::Sum("bytes".into()),
                 },

@@ -217,6 +217,11 @@ impl Reader {
                 Some(self.top_keys.view(&self.aggregator, TOP_KEYS_SHOWN))
             }
         };
+        m.sync_aggregates(
+            &self.config.rules,
+            &self.aggregator.rule_counters(),
+            self.aggregator.bad_times(),
+        );
         let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
         view.segments = self.tailer.segments();
         view.oldest_ms.clone_from(&self.oldest_ms);

@@ -1,14 +1,20 @@
 //! The sidecar's integration tests, in one binary with a module each (as rust-postgres
 //! keeps its tests), so the suite links once:
+//! - `aggregates`: conditions, `distinct` and `quantiles` through aggregator and store,
+//!   against PostgreSQL's own results over a raw table;
 //! - `cli`: the `logtally` binary run as a user would (`--version`, `check`, `dump`);
 //! - `daemon`: the run loop in-process against a real PostgreSQL;
 //! - `store`: the store against a real PostgreSQL (shapes, upserts, the checkpoint);
+//! - `sketches`: the distinct and quantile sketches against PostgreSQL's `hll` and the
+//!   `logtally_quantiles` SQL;
 //! - `tail_model`: a model-based property test of tailer + aggregator + checkpoint;
 //! - `store_bench`: benchmarks, ignored by default; run them with
 //!   `cargo test --release -p logtally --test integration store_bench -- --ignored --nocapture --test-threads 1`.
 
+mod aggregates;
 mod cli;
 mod daemon;
+mod sketches;
 mod store;
 mod store_bench;
 mod tail_model;

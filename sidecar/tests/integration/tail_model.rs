@@ -92,18 +92,17 @@ fn action() -> impl Strategy<Value = Action> {
 }
 
 fn rules() -> Vec<Rule> {
-    let metric = |c: &str, k: MetricKind| Metric {
-        column: c.into(),
-        kind: k,
-    };
+    let metric = Metric::new;
     vec![
         Rule {
+            filter: None,
             table: "by_id".into(),
             bucket: Duration::from_secs(60),
             group_by: vec!["id".into()],
             metrics: vec![metric("n", MetricKind::Count)],
         },
         Rule {
+            filter: None,
             table: "by_g".into(),
             bucket: Duration::from_secs(3600),
             group_by: vec!["g".into()],

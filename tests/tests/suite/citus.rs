@@ -558,7 +558,7 @@ fn one_row(ad: &str) -> Vec<logtally::aggregate::RuleRows> {
         rows: vec![Row {
             bucket_ms: 1_764_288_000_000,
             dims: vec![ad.to_string(), "view".to_string()],
-            metrics: vec![MetricValue::Count(1), five, five, five],
+            metrics: vec![MetricValue::Count(1), five.clone(), five.clone(), five],
         }],
     }]
 }
@@ -1143,7 +1143,7 @@ fn bench_rows(first_ad: usize) -> Vec<logtally::aggregate::RuleRows> {
             Row {
                 bucket_ms: 1_764_288_000_000,
                 dims: vec![(first_ad + i / 3).to_string(), EVS[i % 3].to_string()],
-                metrics: vec![MetricValue::Count(1), n, n, n],
+                metrics: vec![MetricValue::Count(1), n.clone(), n.clone(), n],
             }
         })
         .collect();

@@ -2,10 +2,9 @@
 //! `hll` extension builds and unions, and the quantile sketch's SQL functions read what the
 //! Rust sketch holds.
 //!
-use logtally::aggregate;
 
-use aggregate::hll::{self, Hll};
-use aggregate::quantiles::{self, Quantiles, QuantilesParts};
+use logtally::aggregate::hll::{self, Hll};
+use logtally::aggregate::quantiles::{self, Quantiles, QuantilesParts};
 use logtally_e2e::postgres::TestPostgres;
 use tokio_postgres::{Client, NoTls};
 
@@ -196,7 +195,7 @@ async fn hll_merge_equals_hll_union() {
 // ---------------------------------------------------------------------------------------
 // Quantiles
 
-const QUANTILES_SQL: &str = include_str!("../src/db/quantiles.sql");
+use logtally::db::QUANTILES_SQL;
 
 async fn quantiles_database(pg: &TestPostgres) -> Client {
     let db = client(&pg.create_database().await).await;
