@@ -84,7 +84,9 @@ fn run_daemon(path: &Path) -> anyhow::Result<()> {
     }
     let runtime = runtime()?;
     let result = runtime.block_on(async {
-        run::run(config, None, shutdown_signal())
+        // Handlers first: a SIGTERM that comes while the daemon starts is a shutdown too.
+        let shutdown = shutdown_signal().context("cannot install signal handlers")?;
+        run::run(config, None, shutdown)
             .await
             .context("logtally run")
     });
@@ -93,23 +95,18 @@ fn run_daemon(path: &Path) -> anyhow::Result<()> {
     result
 }
 
-/// Completes on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers at once (within the runtime); the future
+/// completes on the first of them.
+fn shutdown_signal() -> io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(error), _) | (_, Err(error)) => {
-            tracing::error!(%error, "cannot install signal handlers; stopping");
-            return;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
+    })
 }
 
 /// `logtally check`: the configuration (this module) then the database (the store's check).

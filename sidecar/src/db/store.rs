@@ -322,10 +322,24 @@ impl Store {
     }
 
     /// This node's checkpoint: the truth about what has been counted.
-    pub async fn load_checkpoint(&self) -> Result<Vec<CheckpointEntry>, StoreError> {
-        let rows = self
+    ///
+    /// Read under the node's flush lock: a predecessor killed while its COMMIT was on the
+    /// way leaves a backend that still finishes that transaction, and the position it
+    /// commits must be the one read here (else the first flush meets a conflict).
+    pub async fn load_checkpoint(&mut self) -> Result<Vec<CheckpointEntry>, StoreError> {
+        let tx = self
             .client
+            .transaction()
+            .await
+            .map_err(StoreError::db("load checkpoint"))?;
+        tx.execute(&checkpoint_lock_sql(), &[&self.node])
+            .await
+            .map_err(StoreError::db("lock checkpoint"))?;
+        let rows = tx
             .query(&checkpoint_load_sql(), &[&self.node])
+            .await
+            .map_err(StoreError::db("load checkpoint"))?;
+        tx.commit()
             .await
             .map_err(StoreError::db("load checkpoint"))?;
         Ok(rows
