@@ -109,7 +109,6 @@ impl AdmittedDelta {
     pub fn is_empty(&self) -> bool {
         self.chunks.is_empty() && self.drop_before.is_none()
     }
-
 }
 
 /// One rule's admitted keys per bucket. See the module documentation.

@@ -302,7 +302,11 @@ impl Aggregator {
             st.admission = Admission::for_rule(rule.bucket, l);
             let mut text = String::new();
             for _ in &rule.group_by {
-                push_dim(&mut st.overflow_dims, &mut text, l.overflow_label.as_bytes());
+                push_dim(
+                    &mut st.overflow_dims,
+                    &mut text,
+                    l.overflow_label.as_bytes(),
+                );
             }
             st.retention = l.retention;
         }

@@ -166,10 +166,52 @@ mod tests {
     #[test]
     fn summary_names_both_limits() {
         let l = parse_limits(Some(1000), None, Some("90d"), MINUTE).unwrap();
-        assert_eq!(l.summary(), "max_keys 1000 (overflow \"__other__\") retention 90d");
+        assert_eq!(
+            l.summary(),
+            "max_keys 1000 (overflow \"__other__\") retention 90d"
+        );
         assert_eq!(
             RuleLimits::default().summary(),
             "max_keys none retention none (rows are kept)"
+        );
+    }
+
+    fn parse_rule(extra: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        let text = format!(
+            "[[rule]]\ntable = \"t\"\nbucket = \"1m\"\ngroup_by = [\"k\"]\n\
+             metrics = {{ n = \"count\" }}\n{extra}\n\
+             [[rule]]\ntable = \"u\"\nbucket = \"1h\"\nmetrics = {{ n = \"count\" }}\n"
+        );
+        crate::config::parse(std::path::Path::new("l.toml"), &text)
+    }
+
+    #[test]
+    fn keys_in_a_file_and_their_errors_name_the_key() {
+        let c = parse_rule("max_keys = 100\nretention = \"90d\"").unwrap();
+        assert_eq!(c.limits.len(), 2);
+        assert_eq!(c.limits[0].max_keys, Some(100));
+        assert_eq!(c.limits[1], RuleLimits::default());
+        assert!(c
+            .summary()
+            .contains("max_keys 100 (overflow \"__other__\") retention 90d"));
+        let e = parse_rule("max_keys = 0").unwrap_err().to_string();
+        assert_eq!(e, "l.toml: rule[0].max_keys: must be greater than zero");
+        let e = parse_rule("retention = \"soon\"").unwrap_err().to_string();
+        assert!(
+            e.starts_with("l.toml: rule[0].retention: bad duration \"soon\""),
+            "{e}"
+        );
+        let e = parse_rule("overflow_label = \"\"").unwrap_err().to_string();
+        assert_eq!(e, "l.toml: rule[0].overflow_label: must not be empty");
+        let e = crate::config::parse(
+            std::path::Path::new("l.toml"),
+            "[[rule]]\ntable = \"logtally_admitted_keys\"\nbucket = \"1m\"\nmetrics = { n = \"count\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("rule[0].table: \"logtally_admitted_keys\" is reserved"),
+            "{e}"
         );
     }
 }

@@ -396,13 +396,8 @@ fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
             None => None,
         };
         limits.push(
-            parse_limits(
-                r.max_keys,
-                r.overflow_label,
-                r.retention.as_deref(),
-                bucket,
-            )
-            .map_err(|(k, p)| invalid(&key(k.name()), p))?,
+            parse_limits(r.max_keys, r.overflow_label, r.retention.as_deref(), bucket)
+                .map_err(|(k, p)| invalid(&key(k.name()), p))?,
         );
         rules.push(Rule {
             table: r.table,

@@ -101,12 +101,9 @@ pub(super) async fn write(
     let buckets: Vec<SystemTime> = chunks.iter().map(|c| time_of(c.0)).collect();
     let firsts: Vec<i64> = chunks.iter().map(|c| c.1[0] as i64).collect();
     let hashes: Vec<Vec<u8>> = chunks.iter().map(|c| encode_hashes(&c.1)).collect();
-    tx.execute(
-        &insert_sql(),
-        &[&node, &table, &buckets, &firsts, &hashes],
-    )
-    .await
-    .map_err(StoreError::db("insert admitted keys"))?;
+    tx.execute(&insert_sql(), &[&node, &table, &buckets, &firsts, &hashes])
+        .await
+        .map_err(StoreError::db("insert admitted keys"))?;
     Ok(())
 }
 
@@ -145,7 +142,10 @@ mod tests {
     #[test]
     fn table_and_statements_name_the_node_and_rule() {
         let create = create_sql(&admitted_table());
-        assert!(create.contains("PRIMARY KEY (\"node\", \"tbl\", \"bucket\", \"chunk\")"), "{create}");
+        assert!(
+            create.contains("PRIMARY KEY (\"node\", \"tbl\", \"bucket\", \"chunk\")"),
+            "{create}"
+        );
         assert!(insert_sql().contains("unnest($3::timestamptz[], $4::int8[], $5::bytea[])"));
         assert!(drop_before_sql().ends_with("node = $1 AND tbl = $2 AND bucket < $3"));
         assert!(load_sql().ends_with("WHERE node = $1"));

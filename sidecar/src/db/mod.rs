@@ -27,9 +27,9 @@ mod store;
 mod tests;
 mod tls;
 
+pub use admitted::{admitted_table, needs_admitted_table};
 #[cfg(test)]
 pub(crate) use checkpoint::{compare_checkpoint, CheckpointState};
-pub use admitted::{admitted_table, needs_admitted_table};
 pub use checkpoint::{CheckpointEntry, FlushOutcome};
 pub use error::{server_message, ErrorClass, FailureLog, StoreError};
 pub use numeric::SqlNumeric;

@@ -162,7 +162,10 @@ async fn the_admitted_set_commits_with_the_rows_and_holds_the_limit_after_a_rest
         .await
         .unwrap()
         .get(0);
-    assert_eq!(first_ten, 10, "the first ten keys kept their rows across the restart");
+    assert_eq!(
+        first_ten, 10,
+        "the first ten keys kept their rows across the restart"
+    );
 
     // Another node has its own ten in the same bucket, and the same overflow row.
     let cfg2 = config(&url, "edge-2", "max_keys = 10");
@@ -240,7 +243,10 @@ async fn retention_deletes_rows_before_the_cutoff_in_batches_one_sidecar_at_a_ti
         .await
         .unwrap();
     let r = RetentionStore::connect(&cfg).await.unwrap();
-    assert_eq!(r.pass(&cfg.rules[0], cutoff).await.unwrap(), RetentionPass::Skipped);
+    assert_eq!(
+        r.pass(&cfg.rules[0], cutoff).await.unwrap(),
+        RetentionPass::Skipped
+    );
     other
         .query_one(
             "SELECT pg_advisory_unlock(hashtextextended('logtally:retention:' || $1, 0))",

@@ -38,7 +38,12 @@ fn config(dir: &Path, spool: &Path, url: &str, listen: std::net::SocketAddr, rul
     )
 }
 
-fn wait_until(limit: Duration, what: &str, logs: &dyn Fn() -> String, mut cond: impl FnMut() -> bool) {
+fn wait_until(
+    limit: Duration,
+    what: &str,
+    logs: &dyn Fn() -> String,
+    mut cond: impl FnMut() -> bool,
+) {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if cond() {
@@ -52,7 +57,10 @@ fn wait_until(limit: Duration, what: &str, logs: &dyn Fn() -> String, mut cond: 
 fn scalar(db: &Db, sql: &str) -> i64 {
     db.query(sql)
         .ok()
-        .and_then(|rows| rows.first().map(|r| r.get::<_, Option<i64>>(0).unwrap_or(0)))
+        .and_then(|rows| {
+            rows.first()
+                .map(|r| r.get::<_, Option<i64>>(0).unwrap_or(0))
+        })
         .unwrap_or(-1)
 }
 
@@ -95,7 +103,13 @@ fn overflow_keeps_max_keys_rows_per_bucket_and_the_admitted_set_survives_kill9()
     let cfg = dir.path().join("logtally.toml");
     std::fs::write(
         &cfg,
-        config(dir.path(), &nginx.dir().join("spool"), db.url(), listen, &rule),
+        config(
+            dir.path(),
+            &nginx.dir().join("spool"),
+            db.url(),
+            listen,
+            &rule,
+        ),
     )
     .unwrap();
     let log = dir.path().join("logtally.log");
@@ -107,17 +121,23 @@ fn overflow_keeps_max_keys_rows_per_bucket_and_the_admitted_set_survives_kill9()
     // admitted are the first MAX_KEYS distinct ads: 0..MAX_KEYS.
     let keys = 10 * MAX_KEYS;
     let mut sent = send(nginx.addr(), 0..keys / 2);
-    wait_until(Duration::from_secs(60), "the first half committed", &logs, || {
-        total(&db) == sent
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "the first half committed",
+        &logs,
+        || total(&db) == sent,
+    );
     // Mid-bucket: more new keys, and kill -9 while they may be read but not committed.
     sent += send(nginx.addr(), keys / 2..keys * 3 / 4);
     sidecar.kill9_and_restart();
     sent += send(nginx.addr(), keys * 3 / 4..keys);
     sent += send(nginx.addr(), 0..keys);
-    wait_until(Duration::from_secs(60), "every request committed", &logs, || {
-        total(&db) == sent
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "every request committed",
+        &logs,
+        || total(&db) == sent,
+    );
 
     let b = buckets(&db);
     if b.len() != 1 {
@@ -135,7 +155,10 @@ fn overflow_keeps_max_keys_rows_per_bucket_and_the_admitted_set_survives_kill9()
         .map(|r| r.get(0))
         .collect();
     let want: Vec<String> = (0..MAX_KEYS).map(|k| k.to_string()).collect();
-    assert_eq!(first_keys, want, "no key admitted after the restart beyond the first ones");
+    assert_eq!(
+        first_keys, want,
+        "no key admitted after the restart beyond the first ones"
+    );
     // Each admitted key was sent twice; everything else is the overflow row.
     let admitted_events = 2 * i64::from(MAX_KEYS);
     assert_eq!(b, vec![(i64::from(MAX_KEYS), sent - admitted_events, sent)]);
@@ -148,17 +171,27 @@ fn overflow_keeps_max_keys_rows_per_bucket_and_the_admitted_set_survives_kill9()
             .metric("logtally_overflow_events_total")
             .unwrap_or(0.0) as i64
     };
-    wait_until(Duration::from_secs(30), "the overflow counter", &logs, || {
-        metric_now() >= after_restart
-    });
-    assert!(metric_now() <= after_restart + i64::from(keys / 4), "{}", metric_now());
+    wait_until(
+        Duration::from_secs(30),
+        "the overflow counter",
+        &logs,
+        || metric_now() >= after_restart,
+    );
+    assert!(
+        metric_now() <= after_restart + i64::from(keys / 4),
+        "{}",
+        metric_now()
+    );
     let status: serde_json::Value =
         serde_json::from_str(&http_get(listen, "/status").unwrap().text()).unwrap();
     let limits = &status["limits"][0];
     assert_eq!(limits["table"], "ad_capped");
     assert_eq!(limits["max_keys"], MAX_KEYS);
     assert_eq!(limits["overflow_label"], "__other__");
-    assert!(limits["overflow_events"].as_i64().unwrap() >= after_restart, "{limits}");
+    assert!(
+        limits["overflow_events"].as_i64().unwrap() >= after_restart,
+        "{limits}"
+    );
     // The admitted keys live in the database, one row per bucket and flush.
     assert_eq!(
         scalar(
@@ -225,9 +258,17 @@ fn retention_deletes_old_rows_keeps_recent_ones_and_counts_expired_events() {
     wait_until(Duration::from_secs(60), "old rows deleted", &logs, || {
         scalar(&db, "SELECT count(*) FROM hits_1h WHERE ad LIKE 'old%'") == 0
     });
-    wait_until(Duration::from_secs(60), "the segment's events committed", &logs, || {
-        scalar(&db, "SELECT sum(events)::int8 FROM hits_1h WHERE ad IN ('late', 'now')") == 12
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "the segment's events committed",
+        &logs,
+        || {
+            scalar(
+                &db,
+                "SELECT sum(events)::int8 FROM hits_1h WHERE ad IN ('late', 'now')",
+            ) == 12
+        },
+    );
     assert_eq!(
         scalar(&db, "SELECT count(*) FROM hits_1h WHERE ad LIKE 'recent%'"),
         50,
@@ -257,5 +298,8 @@ fn retention_deletes_old_rows_keeps_recent_ones_and_counts_expired_events() {
     assert_eq!(limits["retention_seconds"], 2.0 * 86_400.0);
     assert_eq!(limits["expired_events"], 30);
     assert_eq!(limits["retention"]["deleted_rows"], 12_000);
-    assert!(limits["retention"]["last_run_ms"].as_u64().is_some(), "{limits}");
+    assert!(
+        limits["retention"]["last_run_ms"].as_u64().is_some(),
+        "{limits}"
+    );
 }

@@ -90,7 +90,10 @@ fn horizon_is_a_bucket_at_least_an_hour_at_most_retention() {
     assert_eq!(admission_horizon(s(60), None), s(3600));
     assert_eq!(admission_horizon(s(86_400), None), s(86_400));
     assert_eq!(admission_horizon(s(60), Some(s(600))), s(600));
-    assert_eq!(admission_horizon(s(86_400), Some(s(90 * 86_400))), s(86_400));
+    assert_eq!(
+        admission_horizon(s(86_400), Some(s(90 * 86_400))),
+        s(86_400)
+    );
 }
 
 #[test]
@@ -146,7 +149,9 @@ fn upsert(table: &mut Table, drained: Vec<RuleRows>) {
             let MetricValue::Count(c) = row.metrics[0] else {
                 panic!("count")
             };
-            *table.entry((row.bucket_ms, row.dims[0].clone())).or_default() += c;
+            *table
+                .entry((row.bucket_ms, row.dims[0].clone()))
+                .or_default() += c;
         }
     }
 }
@@ -184,7 +189,8 @@ fn a_request_sending_the_label_is_the_overflow_row_and_not_a_key() {
 
 #[test]
 fn expired_events_are_counted_and_not_written() {
-    let mut agg = Aggregator::with_limits(&[rule()], &[limits(100, Some(Duration::from_secs(3600)))]);
+    let mut agg =
+        Aggregator::with_limits(&[rule()], &[limits(100, Some(Duration::from_secs(3600)))]);
     agg.set_now(10 * HOUR);
     add(&mut agg, (9 * HOUR - MIN) as u64, "old");
     add(&mut agg, (9 * HOUR) as u64, "kept");
