@@ -19,6 +19,8 @@ pub struct DrainedRows {
     /// The sketches the accumulators of `distinct` and `quantiles` metrics point at.
     pub(super) hlls: Vec<Hll>,
     pub(super) quants: Vec<Quantiles>,
+    /// The keys admitted (`max_keys`) since the previous drain: committed with these rows.
+    pub admitted: super::admission::AdmittedDelta,
 }
 
 impl DrainedRows {

@@ -7,7 +7,9 @@
 //! - `decimal.rs`: [`Decimal`], how a field value becomes an exact number;
 //! - `key.rs`: the encoded `(bucket, dims)` key in the key arena;
 //! - `drained.rs`: [`DrainedRows`];
-//! - `merge.rs`: [`merge_rows`], the pure model of the store's additive upsert.
+//! - `merge.rs`: [`merge_rows`], the pure model of the store's additive upsert;
+//! - `admission.rs`: `max_keys` (which keys a node admits per bucket, the overflow row) and
+//!   `retention` (which events are too old to write), set with [`Aggregator::with_limits`].
 //!
 //! - `numeric_list.rs`: [`read_number`](numeric_list::read_number), the one rule by which a
 //!   field value reads as a number (lists such as `0.1, 0.2` included);
@@ -47,6 +49,7 @@
 //! `hashbrown::HashTable` of indices into a key arena, so an event whose key already exists
 //! allocates nothing.
 
+pub mod admission;
 mod decimal;
 mod drained;
 pub mod hll;
@@ -67,7 +70,8 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 use logtally_spool::{Record, MAX_FIELDS};
 
 use crate::config::condition::BoundCondition;
-use crate::config::{MetricKind, Rule};
+use crate::config::{MetricKind, Rule, RuleLimits};
+use admission::{Admission, Decision};
 use hll::Hll;
 use key::{cmp_keys, key_bytes, push_dim};
 use numeric_list::{read_number, Numeric, Reading};
@@ -109,6 +113,10 @@ pub struct RuleCounters {
     pub bad_conditions: u64,
     /// Values left out of a sum because adding them would overflow.
     pub overflows: u64,
+    /// Events of keys past `max_keys`, added to the overflow row.
+    pub overflow_events: u64,
+    /// Events whose bucket is past `retention` (not written).
+    pub expired_events: u64,
 }
 
 /// Everything one rule accumulated since the last flush.
@@ -205,6 +213,13 @@ struct RuleState {
     /// Bad values per metric since the aggregator was made.
     bad: Vec<u64>,
     counters: RuleCounters,
+    /// `max_keys`: what this node admitted per bucket (`None`: no limit).
+    admission: Option<Admission>,
+    /// The overflow key's encoded dims (every dim the rule's `overflow_label`).
+    overflow_dims: Vec<u8>,
+    /// `retention`, and the first bucket start still written (from the last `set_now`).
+    retention: Option<std::time::Duration>,
+    expire_before: i64,
 }
 
 /// Accumulates records into per-rule rows until [`drain`](Aggregator::drain)ed.
@@ -260,6 +275,10 @@ impl Aggregator {
                     keys: Vec::new(),
                     arena: Vec::new(),
                     accs: Vec::new(),
+                    admission: None,
+                    overflow_dims: Vec::new(),
+                    retention: None,
+                    expire_before: i64::MIN,
                 }
             })
             .collect();
@@ -273,6 +292,49 @@ impl Aggregator {
             events: 0,
             bad_times: 0,
         }
+    }
+
+    /// An aggregator applying each rule's `max_keys` and `retention` (`limits` in rule
+    /// order, as [`crate::config::Config::limits`]; missing entries limit nothing).
+    pub fn with_limits(rules: &[Rule], limits: &[RuleLimits]) -> Aggregator {
+        let mut a = Aggregator::new(rules);
+        for ((st, rule), l) in a.rules.iter_mut().zip(rules).zip(limits) {
+            st.admission = Admission::for_rule(rule.bucket, l);
+            let mut text = String::new();
+            for _ in &rule.group_by {
+                push_dim(
+                    &mut st.overflow_dims,
+                    &mut text,
+                    l.overflow_label.as_bytes(),
+                );
+            }
+            st.retention = l.retention;
+        }
+        a
+    }
+
+    /// The time retention is measured from, until the next call (the reader calls it
+    /// before each poll). Before the first call nothing expires.
+    pub fn set_now(&mut self, now_ms: i64) {
+        for st in &mut self.rules {
+            st.expire_before = admission::expire_before(now_ms, st.retention);
+        }
+    }
+
+    /// Loads a rule's admitted keys as committed (`(bucket, hashes)`), before the first
+    /// event. Ignored for a rule without `max_keys`.
+    pub fn restore_admitted(&mut self, rule: usize, chunks: Vec<(i64, Vec<u64>)>) {
+        if let Some(a) = self.rules.get_mut(rule).and_then(|r| r.admission.as_mut()) {
+            a.restore(chunks);
+        }
+    }
+
+    /// Per rule: (buckets, keys) of admitted state held; `None` without `max_keys`.
+    pub fn admission_held(&self) -> Vec<Option<(usize, usize)>> {
+        self.rules
+            .iter()
+            .map(|r| r.admission.as_ref().map(|a| (a.buckets(), a.keys_held())))
+            .collect()
     }
 
     /// Maps a segment header's field names to every rule's record indices.
@@ -410,6 +472,11 @@ impl Aggregator {
                 let mut keys = std::mem::take(&mut st.keys);
                 let arena = std::mem::take(&mut st.arena);
                 let accs = std::mem::take(&mut st.accs);
+                let admitted = st
+                    .admission
+                    .as_mut()
+                    .map(Admission::take_delta)
+                    .unwrap_or_default();
                 keys.sort_unstable_by(|a, b| cmp_keys(key_bytes(&arena, a), key_bytes(&arena, b)));
                 DrainedRows {
                     rule,
@@ -419,6 +486,7 @@ impl Aggregator {
                     accs,
                     hlls: std::mem::take(&mut st.hlls),
                     quants: std::mem::take(&mut st.quants),
+                    admitted,
                 }
             })
             .collect()
@@ -494,19 +562,40 @@ fn add_n<const N: usize>(
             st.last_bucket = (b, b.saturating_add(st.bucket_ms), t);
             (b, t)
         };
+        if admission::is_expired(bucket, st.expire_before) {
+            st.counters.expired_events += 1;
+            continue;
+        }
         let table = &mut st.tables[t].1;
         key.clear();
         key.extend_from_slice(&bucket.to_le_bytes());
         for &d in &rl.dims {
             push_dim(key, text, get(d).unwrap_or(b""));
         }
-        let hash = hasher.hash_one(&key[..]);
+        let mut hash = hasher.hash_one(&key[..]);
         let n = st.accs_kind.len();
-        let arena = &st.arena;
-        let found = table.find(hash, |k| {
-            k.len as usize == key.len()
-                && arena[k.off as usize..(k.off + k.len) as usize] == key[..]
-        });
+        let find = |table: &HashTable<KeyRef>, arena: &[u8], key: &[u8], hash: u64| {
+            table
+                .find(hash, |k| {
+                    k.len as usize == key.len()
+                        && arena[k.off as usize..(k.off + k.len) as usize] == key[..]
+                })
+                .copied()
+        };
+        let mut found = find(table, &st.arena, key, hash);
+        // A key not pending: `max_keys` decides whether it has a row of its own.
+        if let (None, Some(adm)) = (found, st.admission.as_mut()) {
+            let dims = &key[8..];
+            if dims != st.overflow_dims.as_slice()
+                && adm.decide(bucket, admission::key_hash(dims)) == Decision::Overflow
+            {
+                st.counters.overflow_events += 1;
+                key.truncate(8);
+                key.extend_from_slice(&st.overflow_dims);
+                hash = hasher.hash_one(&key[..]);
+                found = find(table, &st.arena, key, hash);
+            }
+        }
         let idx = match found {
             Some(k) => k.idx as usize,
             None => {

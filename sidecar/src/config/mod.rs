@@ -23,6 +23,7 @@
 pub mod condition;
 mod database_url;
 mod duration;
+mod limits;
 mod metric;
 mod names;
 mod size;
@@ -33,6 +34,7 @@ pub use database_url::{
     DatabaseUrlSource, TlsMode, UrlError, DATABASE_URL_ENV,
 };
 pub use duration::{format_duration, parse_bucket, parse_duration};
+pub use limits::{parse_limits, LimitKey, RuleLimits, ADMITTED_TABLE, DEFAULT_OVERFLOW_LABEL};
 pub use metric::{parse_metric, Metric, MetricKind};
 pub use names::{
     check_field_name, check_identifier, BUCKET_COLUMN, CHECKPOINT_TABLE, MAX_IDENT_LEN,
@@ -70,6 +72,9 @@ pub struct Config {
     /// On SIGTERM, how long to keep reading while writers still hold segments (default 20s).
     pub shutdown_wait: Duration,
     pub rules: Vec<Rule>,
+    /// Per rule (same order as `rules`): `max_keys`, `overflow_label`, `retention`
+    /// (`limits.rs`). Kept beside the rules so code building a [`Rule`] stays unchanged.
+    pub limits: Vec<RuleLimits>,
     /// Tables of the rules with `show_keys = false`: the status page and `/status` do not
     /// show their keys (field values can be personal data).
     pub hide_keys: Vec<String>,
@@ -203,6 +208,10 @@ pub enum Problem {
     NoMetrics,
     #[error("must not be empty")]
     Empty,
+    #[error("bad overflow label {0:?} (expected 1 to 256 bytes without NUL)")]
+    BadOverflowLabel(String),
+    #[error("retention {0:?} is shorter than the rule's bucket ({1})")]
+    RetentionBelowBucket(String, String),
     #[error("database_url and database_url_file are both set (keep one)")]
     BothDatabaseUrls,
     #[error("{0:?} is not an absolute path")]
@@ -250,6 +259,9 @@ struct RawRule {
     show_keys: bool,
     #[serde(rename = "where")]
     filter: Option<String>,
+    max_keys: Option<i64>,
+    overflow_label: Option<String>,
+    retention: Option<String>,
 }
 
 fn show_keys_default() -> bool {
@@ -330,10 +342,11 @@ fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
     }
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.rule.len());
     let mut hide_keys = Vec::new();
+    let mut limits = Vec::with_capacity(raw.rule.len());
     for (i, r) in raw.rule.into_iter().enumerate() {
         let key = |k: &str| format!("rule[{i}].{k}");
         check_identifier(&r.table).map_err(|p| invalid(&key("table"), p))?;
-        if r.table == CHECKPOINT_TABLE {
+        if r.table == CHECKPOINT_TABLE || r.table == ADMITTED_TABLE {
             return Err(invalid(&key("table"), Problem::Reserved(r.table)));
         }
         if let Some(j) = rules.iter().position(|o| o.table == r.table) {
@@ -382,6 +395,10 @@ fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
             ),
             None => None,
         };
+        limits.push(
+            parse_limits(r.max_keys, r.overflow_label, r.retention.as_deref(), bucket)
+                .map_err(|(k, p)| invalid(&key(k.name()), p))?,
+        );
         rules.push(Rule {
             table: r.table,
             bucket,
@@ -405,6 +422,7 @@ fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
         max_pending_keys,
         shutdown_wait,
         rules,
+        limits,
         hide_keys,
     })
 }
@@ -525,6 +543,9 @@ impl Config {
                 r.group_by.join(", "),
                 metrics.join(", ")
             );
+            if let Some(l) = self.limits.get(i) {
+                let _ = writeln!(s, "              {}", l.summary());
+            }
         }
         s
     }

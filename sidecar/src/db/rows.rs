@@ -69,6 +69,10 @@ pub trait UpsertRows: Sync {
         rule: &'a Rule,
         chunk: usize,
     ) -> Box<dyn Iterator<Item = Cow<'a, [Row]>> + Send + 'a>;
+    /// The keys admitted under `max_keys` with these rows (committed with them).
+    fn admitted(&self) -> Option<&crate::aggregate::admission::AdmittedDelta> {
+        None
+    }
 }
 
 impl UpsertRows for RuleRows {
@@ -98,6 +102,10 @@ impl UpsertRows for RuleRows {
 impl UpsertRows for DrainedRows {
     fn rule(&self) -> usize {
         self.rule
+    }
+
+    fn admitted(&self) -> Option<&crate::aggregate::admission::AdmittedDelta> {
+        Some(&self.admitted)
     }
 
     fn row_count(&self) -> usize {

@@ -251,5 +251,8 @@ pub fn shape_differences(spec: &TableSpec, actual: &ActualTable) -> Vec<ShapeDif
 pub(super) fn all_tables(config: &Config) -> Vec<TableSpec> {
     let mut specs: Vec<TableSpec> = config.rules.iter().map(rule_table).collect();
     specs.push(checkpoint_table());
+    if super::admitted::needs_admitted_table(config) {
+        specs.push(super::admitted::admitted_table());
+    }
     specs
 }

@@ -31,7 +31,7 @@ use super::{server_message, tls, StoreError};
 /// How long a connection attempt may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn connect_client(url: &str) -> Result<(Client, JoinHandle<()>), StoreError> {
+pub(super) async fn connect_client(url: &str) -> Result<(Client, JoinHandle<()>), StoreError> {
     let settings = parse_database_url(url).map_err(|error| StoreError::BadUrl { error })?;
     let target = describe(&settings);
     let mut cfg = settings.pg.clone();
@@ -241,6 +241,8 @@ pub struct Store {
     rules: Vec<Rule>,
     upserts: Vec<Statement>,
     checkpoint_upsert: Statement,
+    /// Some rule has `max_keys` (then `logtally_admitted_keys` exists).
+    admitted_table: bool,
 }
 
 impl Drop for Store {
@@ -304,6 +306,7 @@ impl Store {
             rules: config.rules.clone(),
             upserts,
             checkpoint_upsert,
+            admitted_table: super::admitted::needs_admitted_table(config),
         })
     }
 
@@ -352,6 +355,22 @@ impl Store {
             .collect())
     }
 
+    /// The keys this node admitted under `max_keys`, per rule (index into the rules) as
+    /// `(bucket ms, hashes)`; rows of tables no rule has are left alone.
+    pub async fn load_admitted(&self) -> Result<Vec<(usize, i64, Vec<u64>)>, StoreError> {
+        if !self.admitted_table {
+            return Ok(Vec::new());
+        }
+        let rows = super::admitted::load(&self.client, &self.node).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(table, bucket, hashes)| {
+                let i = self.rules.iter().position(|r| r.table == table)?;
+                Some((i, bucket, hashes))
+            })
+            .collect())
+    }
+
     /// Commits one flush: every rule's rows and the new `positions`, in one transaction.
     ///
     /// `previous` is what this process believes the checkpoint holds (the last commit, or the
@@ -396,6 +415,11 @@ impl Store {
             }
         }
         for rule_rows in rules {
+            if let (Some(delta), Some(rule)) =
+                (rule_rows.admitted(), self.rules.get(rule_rows.rule()))
+            {
+                super::admitted::write(&tx, &self.node, &rule.table, delta).await?;
+            }
             if rule_rows.row_count() == 0 {
                 continue;
             }

@@ -77,6 +77,12 @@ pub struct Metrics {
     pub sum_overflows: IntCounterVec,
     /// Events skipped because PostgreSQL cannot store their time (after year 9999).
     pub bad_time_events: IntCounter,
+    /// Events of keys past `max_keys`, added to the overflow row (label `rule`).
+    pub overflow_events: IntCounterVec,
+    /// Events whose bucket is past `retention`, not written (label `rule`).
+    pub expired_events: IntCounterVec,
+    /// Rows the retention task deleted (label `rule`).
+    pub retention_deleted_rows: IntCounterVec,
     /// The aggregator totals last folded in (see [`Metrics::sync_aggregates`]).
     aggregates_seen: Mutex<(Vec<RuleCounters>, u64)>,
 }
@@ -224,6 +230,18 @@ impl Metrics {
             "logtally_sum_overflows_total",
             "Values left out of a sum because adding them would overflow.",
         )?;
+        let overflow_events = per_rule(
+            "logtally_overflow_events_total",
+            "Events of keys past a rule's max_keys, added to the bucket's overflow row.",
+        )?;
+        let expired_events = per_rule(
+            "logtally_expired_events_total",
+            "Events whose bucket is past a rule's retention (not written).",
+        )?;
+        let retention_deleted_rows = per_rule(
+            "logtally_retention_deleted_rows_total",
+            "Rows past a rule's retention deleted by this sidecar.",
+        )?;
         let bad_time_events = counter(
             "logtally_bad_time_events_total",
             "Events skipped because their time is past year 9999 (PostgreSQL cannot store it).",
@@ -260,6 +278,9 @@ impl Metrics {
             condition_bad_values,
             sum_overflows,
             bad_time_events,
+            overflow_events,
+            expired_events,
+            retention_deleted_rows,
             aggregates_seen: Mutex::new((Vec::new(), 0)),
         })
     }
@@ -274,6 +295,9 @@ impl Metrics {
                 &self.filtered_events,
                 &self.condition_bad_values,
                 &self.sum_overflows,
+                &self.overflow_events,
+                &self.expired_events,
+                &self.retention_deleted_rows,
             ] {
                 c.with_label_values(&[rule.table.as_str()]);
             }
@@ -328,6 +352,12 @@ impl Metrics {
             self.sum_overflows
                 .with_label_values(&label)
                 .inc_by(delta(c.overflows, old.overflows));
+            self.overflow_events
+                .with_label_values(&label)
+                .inc_by(delta(c.overflow_events, old.overflow_events));
+            self.expired_events
+                .with_label_values(&label)
+                .inc_by(delta(c.expired_events, old.expired_events));
         }
         self.bad_time_events.inc_by(delta(bad_times, seen.1));
         *seen = (now.to_vec(), bad_times);

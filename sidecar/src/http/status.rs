@@ -54,6 +54,8 @@ pub struct Status {
     pub recent_flushes: VecDeque<FlushStatus>,
     /// Per rule (same order as `rules`): the current bucket's largest keys so far.
     pub top_keys: Vec<RuleTopStatus>,
+    /// Per rule (same order as `rules`): `max_keys` and `retention`, and what they did.
+    pub limits: Vec<crate::http::limits::RuleLimitsStatus>,
     /// The previous events sample (time ms, count), for the rate.
     #[serde(skip)]
     events_sampled: Option<(u64, u64)>,
@@ -201,6 +203,15 @@ impl Status {
                     keys: Vec::new(),
                 })
                 .collect(),
+            limits: rules
+                .iter()
+                .map(|r| {
+                    crate::http::limits::RuleLimitsStatus::new(
+                        r,
+                        &crate::config::RuleLimits::default(),
+                    )
+                })
+                .collect(),
             events_sampled: None,
         }
     }
@@ -215,6 +226,13 @@ impl Status {
         );
         for top in &mut status.top_keys {
             top.shown = !config.hide_keys.contains(&top.table);
+        }
+        for (s, (rule, limits)) in status
+            .limits
+            .iter_mut()
+            .zip(config.rules.iter().zip(&config.limits))
+        {
+            *s = crate::http::limits::RuleLimitsStatus::new(rule, limits);
         }
         status
     }

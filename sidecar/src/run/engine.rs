@@ -48,6 +48,12 @@ pub(crate) trait Database: Send {
     fn load_checkpoint(
         &mut self,
     ) -> impl Future<Output = Result<Vec<CheckpointEntry>, StoreError>> + Send;
+    /// The keys this node admitted under `max_keys`: (rule index, bucket ms, hashes).
+    fn load_admitted(
+        &mut self,
+    ) -> impl Future<Output = Result<Vec<(usize, i64, Vec<u64>)>, StoreError>> + Send {
+        async { Ok(Vec::new()) }
+    }
     /// A round trip, proving the database answers.
     fn ping(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// One transaction: every rule's rows and the checkpoint rows `positions`, provided the
@@ -118,6 +124,8 @@ pub(crate) struct Engine<D> {
     backoff: Backoff,
     /// Reports database failures (needs-operator ones once per message).
     failures: FailureLog,
+    /// The admitted keys loaded at start, until the reader takes them.
+    admitted: Vec<(usize, i64, Vec<u64>)>,
 }
 
 impl<D: Database> Engine<D> {
@@ -134,7 +142,13 @@ impl<D: Database> Engine<D> {
             seq: 0,
             backoff: Backoff::new(),
             failures: FailureLog::default(),
+            admitted: Vec::new(),
         }
+    }
+
+    /// The admitted keys loaded by [`start`](Self::start) (once).
+    pub fn take_admitted(&mut self) -> Vec<(usize, i64, Vec<u64>)> {
+        std::mem::take(&mut self.admitted)
     }
 
     /// Connects; a new connection shows the database up.
@@ -163,10 +177,12 @@ impl<D: Database> Engine<D> {
         loop {
             let attempt = async {
                 self.connect().await?;
-                self.db.load_checkpoint().await
+                let entries = self.db.load_checkpoint().await?;
+                Ok::<_, StoreError>((entries, self.db.load_admitted().await?))
             };
             match attempt.await {
-                Ok(entries) => {
+                Ok((entries, admitted)) => {
+                    self.admitted = admitted;
                     self.committed = entries
                         .into_iter()
                         .map(|e| (e.segment.clone(), e))
@@ -386,6 +402,11 @@ impl<D: Database> Engine<D> {
             s.module_dropped_events = view.dropped_events;
             s.set_top_keys(&view.top_keys);
             s.pending_bytes = view.pending_bytes;
+            crate::http::limits::sync_limits(
+                &mut s.limits,
+                &view.rule_counters,
+                &view.admission_held,
+            );
             self.metrics.lag_bytes.set(s.lag_bytes as i64);
             self.metrics.lag_seconds.set(s.lag_seconds);
         });

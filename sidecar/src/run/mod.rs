@@ -10,10 +10,13 @@
 //!   `flush_interval` (or sooner when the reader is full), commits it, retries failures with
 //!   capped exponential backoff while new records keep aggregating into the next batch, and
 //!   on shutdown makes a final flush in bounded time; and `PgDatabase`, the engine's
-//!   database on PostgreSQL.
+//!   database on PostgreSQL;
+//! - `retention.rs`: the **retention task** (rules with `retention`), on a connection of its
+//!   own beside the flushes.
 
 mod engine;
 mod reader;
+mod retention;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -100,6 +103,10 @@ impl Database for PgDatabase {
         self.store().await?.load_checkpoint().await
     }
 
+    async fn load_admitted(&mut self) -> Result<Vec<(usize, i64, Vec<u64>)>, StoreError> {
+        self.store().await?.load_admitted().await
+    }
+
     async fn ping(&mut self) -> Result<(), StoreError> {
         self.store().await?.ping().await
     }
@@ -156,8 +163,20 @@ pub async fn run(
         },
     ));
 
+    let (retention_stop_tx, retention_stop_rx) = oneshot::channel::<()>();
+    let retention_task = tokio::spawn(retention::run(
+        config.clone(),
+        metrics.clone(),
+        status.clone(),
+        async move {
+            let _ = retention_stop_rx.await;
+        },
+    ));
+
     let result = run_loop(config, metrics, status, shutdown).await;
 
+    let _ = retention_stop_tx.send(());
+    let _ = retention_task.await;
     let _ = admin_stop_tx.send(());
     let _ = admin_task.await;
     result
@@ -230,7 +249,8 @@ async fn run_loop(
     }
     let start = engine.resume(|segment| config.spool_dir.join(segment).exists());
     info!(segments = start.len(), "checkpoint loaded");
-    let reader = ReaderHandle::start(config.clone(), metrics.clone(), start)
+    let admitted = engine.take_admitted();
+    let reader = ReaderHandle::start(config.clone(), metrics.clone(), start, admitted)
         .map_err(|e| DaemonError::Reader(e.to_string()))?;
 
     let mut tick = tokio::time::interval(config.flush_interval);

@@ -79,6 +79,10 @@ pub(crate) struct ReaderView {
     pub open_segments: usize,
     /// Bytes the reader consumed so far (grows while there is something to read).
     pub bytes_read: u64,
+    /// Per rule: the aggregator's cumulative counters (overflow and expired events among them).
+    pub rule_counters: Vec<crate::aggregate::RuleCounters>,
+    /// Per rule: (buckets, keys) of admitted state held, `None` without `max_keys`.
+    pub admission_held: Vec<Option<(usize, usize)>>,
 }
 
 impl ReaderView {
@@ -153,6 +157,7 @@ impl Reader {
         } else {
             POLL_BUDGET
         };
+        aggregator.set_now(crate::now_ms() as i64);
         let result = tailer.poll(budget, &mut |event| match event {
             SegmentEvent::Record {
                 segment, record, ..
@@ -233,6 +238,8 @@ impl Reader {
         }
         view.open_segments = self.tailer.segments_open();
         view.bytes_read = s.bytes;
+        view.rule_counters = self.aggregator.rule_counters();
+        view.admission_held = self.aggregator.admission_held();
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -261,6 +268,17 @@ impl Reader {
     }
 }
 
+/// Hands the admitted keys loaded at start to the aggregator, grouped by rule.
+fn restore_admitted(aggregator: &mut Aggregator, admitted: Vec<(usize, i64, Vec<u64>)>) {
+    let mut by_rule: HashMap<usize, Vec<(i64, Vec<u64>)>> = HashMap::new();
+    for (rule, bucket, hashes) in admitted {
+        by_rule.entry(rule).or_default().push((bucket, hashes));
+    }
+    for (rule, chunks) in by_rule {
+        aggregator.restore_admitted(rule, chunks);
+    }
+}
+
 /// The async side's handle on the reader thread.
 pub(crate) struct ReaderHandle {
     commands: Option<std_mpsc::Sender<Command>>,
@@ -275,11 +293,13 @@ impl ReaderHandle {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         start: HashMap<String, Position>,
+        admitted: Vec<(usize, i64, Vec<u64>)>,
     ) -> std::io::Result<ReaderHandle> {
         let (tx, rx) = std_mpsc::channel();
         let view = Arc::new(Mutex::new(ReaderView::default()));
         let full = Arc::new(Notify::new());
-        let aggregator = Aggregator::new(&config.rules);
+        let mut aggregator = Aggregator::with_limits(&config.rules, &config.limits);
+        restore_admitted(&mut aggregator, admitted);
         let top_keys = TopKeys::new(&config.rules, |i| {
             !config.hide_keys.contains(&config.rules[i].table)
         });

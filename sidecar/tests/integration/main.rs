@@ -4,6 +4,8 @@
 //!   against PostgreSQL's own results over a raw table;
 //! - `cli`: the `logtally` binary run as a user would (`--version`, `check`, `dump`);
 //! - `daemon`: the run loop in-process against a real PostgreSQL;
+//! - `limits`: `max_keys` (admitted keys committed and loaded) and `retention` (batched
+//!   deletes under a try-lock) against a real PostgreSQL;
 //! - `store`: the store against a real PostgreSQL (shapes, upserts, the checkpoint);
 //! - `sketches`: the distinct and quantile sketches against PostgreSQL's `hll` and the
 //!   `logtally_quantiles` SQL;
@@ -14,6 +16,7 @@
 mod aggregates;
 mod cli;
 mod daemon;
+mod limits;
 mod sketches;
 mod store;
 mod store_bench;
