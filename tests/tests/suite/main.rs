@@ -7,6 +7,7 @@
 mod citus;
 mod e2e;
 mod exactly_once;
+mod faults;
 mod module;
 mod observability;
 mod operator;
