@@ -4,6 +4,7 @@
 //!
 //! Run one area with a filter: `cargo test --release -p logtally-e2e --test suite module::`.
 
+mod chaos;
 mod citus;
 mod e2e;
 mod exactly_once;
