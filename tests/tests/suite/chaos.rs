@@ -20,12 +20,15 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use logtally_e2e::nginx::{read_spool, send_signal};
+use logtally_e2e::nginx::read_spool;
 use logtally_e2e::sidecar::TestSidecar;
 use logtally_spool::{decode_header, SegmentItem, SegmentReader};
 use rand::{Rng, SeedableRng};
 
-use super::faults::{wait_for, ModuleCounts, Stack, Traffic};
+use super::faults::{wait_for, ModuleCounts, Nginx, Stack, Traffic};
+
+mod nginx;
+use nginx::{alive, workers_of, DaemonNginx};
 
 /// How much of each fault a run injects.
 #[derive(Debug, Clone, Copy)]
@@ -63,28 +66,11 @@ struct Row {
     catch_up: Duration,
 }
 
-/// The nginx master after the binary upgrade (not the harness's child): stopped on drop.
-struct Master(Option<i32>);
-
-impl Drop for Master {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.take() {
-            send_signal(pid, libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            send_signal(pid, libc::SIGKILL);
-        }
-    }
-}
-
 struct Campaign {
-    // Field order is drop order: the upgraded master before the stack (nginx, the mount).
+    // Field order is drop order: the sidecar and the traffic before nginx and its mount.
     sidecar: Option<TestSidecar>,
-    master: Master,
     traffic: Option<Traffic>,
-    stack: Stack,
+    stack: Stack<DaemonNginx>,
     /// Counters of nginx generations gone (before the binary upgrade).
     earlier: ModuleCounts,
     /// Events in frames the test corrupted.
@@ -158,17 +144,13 @@ impl Campaign {
     }
 
     fn reload_and_wait(&self) {
+        let old = self.stack.nginx.worker_pids();
         self.stack.nginx.reload();
-        // The old workers exit once their segments are sealed.
-        self.stack.nginx.wait_until(
-            Duration::from_secs(30),
-            "old workers to exit after a reload",
-            || {
-                let c = self.stack.nginx.children();
-                !c.iter().any(|(_, cmd)| cmd.contains("shutting down"))
-                    && c.iter().filter(|(_, cmd)| cmd.contains("worker process")).count() == 2
-            },
-        );
+        // New workers, and the old ones gone (they exit once their segments are sealed).
+        wait_for(Duration::from_secs(30), "old workers to exit after a reload", || self.logs(), || {
+            let now = self.stack.nginx.worker_pids();
+            now.len() == 2 && now.iter().all(|p| !old.contains(p)) && !old.iter().any(|p| alive(*p))
+        });
     }
 
     fn reloads(&mut self, n: usize) {
@@ -197,7 +179,16 @@ impl Campaign {
         // Their workers exit and seal them.
         self.reload_and_wait();
         let spool = self.stack.spool();
-        let candidates: Vec<_> = read_spool(&spool)
+        let all = read_spool(&spool);
+        let seen: Vec<String> = all
+            .iter()
+            .map(|s| {
+                let name = s.path.file_name().unwrap().to_string_lossy().into_owned();
+                let known = before.contains(&name);
+                format!("{name}: before {known}, seal {:?}, events {}", s.seal, s.events.len())
+            })
+            .collect();
+        let candidates: Vec<_> = all
             .into_iter()
             .filter(|s| {
                 let name = s.path.file_name().unwrap().to_string_lossy().into_owned();
@@ -207,7 +198,9 @@ impl Campaign {
         let target = candidates
             .iter()
             .max_by_key(|s| s.events.len())
-            .unwrap_or_else(|| panic!("no sealed segment written while the sidecar was away"));
+            .unwrap_or_else(|| {
+                panic!("no sealed segment written while the sidecar was away:\n{seen:#?}")
+            });
         let events_before = target.events.len() as u64;
         let path = target.path.clone();
         let damaged = damage_frames(&path, CORRUPT_FRAMES);
@@ -232,22 +225,17 @@ impl Campaign {
         self.quiesce();
         let before = self.stack.module();
         let old = self.stack.nginx.master_pid();
-        let pid_file = self.stack.nginx.dir().join("nginx.pid");
-        self.stack.nginx.signal(libc::SIGUSR2);
-        let mut new = 0;
+        self.stack.nginx.signal(old, libc::SIGUSR2);
         wait_for(Duration::from_secs(20), "the new master", || self.logs(), || {
-            new = std::fs::read_to_string(&pid_file)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(0);
-            new != 0 && new != old && workers_of(new) == 2
+            let new = self.stack.nginx.master_pid();
+            new != 0 && new != old && workers_of(new, false).len() == 2
         });
-        self.master = Master(Some(new));
-        self.stack.nginx.signal(libc::SIGWINCH);
+        self.stack.nginx.signal(old, libc::SIGWINCH);
         wait_for(Duration::from_secs(30), "the old workers to leave", || self.logs(), || {
-            workers_of(old) == 0
+            workers_of(old, true).is_empty()
         });
-        self.stack.nginx.quit();
+        self.stack.nginx.signal(old, libc::SIGQUIT);
+        wait_for(Duration::from_secs(30), "the old master to leave", || self.logs(), || !alive(old));
         let after = self.stack.module();
         // A fresh zone starts at 0; were it inherited, it would still show `before`.
         if after != before {
@@ -336,7 +324,6 @@ impl Campaign {
             t += &format!("| {} | {:.1} s |\n", r.fault, r.catch_up.as_secs_f64());
         }
         eprintln!("{t}");
-        println!("{t}");
         assert_eq!(client_sent, served, "answered requests vs nginx's access_log");
         assert_eq!(doubled, 0, "stored ≠ sent − dropped\n{}", self.logs());
         assert_eq!(stored, expected, "stored ≠ written − corrupted");
@@ -344,26 +331,6 @@ impl Campaign {
             assert!(s.terminate().success());
         }
     }
-}
-
-/// The nginx workers whose parent is `master`.
-fn workers_of(master: i32) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let ppid = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 2..].split(' ').nth(1))
-                .and_then(|p| p.parse::<i32>().ok());
-            ppid == Some(master)
-                && std::fs::read(e.path().join("cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("worker process"))
-        })
-        .count()
 }
 
 fn segment_names(spool: &Path) -> BTreeSet<String> {
@@ -419,7 +386,7 @@ fn campaign() {
     eprintln!("chaos: {} form, seed {seed}", form.name);
     let started = Instant::now();
     // A 32 MiB tmpfs spool: room for the outage's backlog, quick to fill on purpose.
-    let stack = Stack::new(Some("size=32m"), "segment_size=1m", "");
+    let stack = Stack::with(Some("size=32m"), "segment_size=1m", "", DaemonNginx::start);
     if !stack.pg.is_private() {
         panic!("the campaign needs a private PostgreSQL it can stop (unset TEST_DATABASE_URL)");
     }
@@ -427,7 +394,6 @@ fn campaign() {
     let traffic = Traffic::start(stack.nginx.addr(), Duration::from_millis(2), 0);
     let mut c = Campaign {
         sidecar: Some(sidecar),
-        master: Master(None),
         traffic: Some(traffic),
         stack,
         earlier: ModuleCounts::default(),

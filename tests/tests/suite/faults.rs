@@ -49,10 +49,34 @@ pub(crate) struct ModuleCounts {
     pub write_errors: u64,
 }
 
+/// What a [`Stack`] needs of its nginx: the harness's [`TestNginx`], or the campaign's
+/// daemon (`chaos/nginx.rs`).
+pub(crate) trait Nginx {
+    fn dir(&self) -> &Path;
+    fn addr(&self) -> SocketAddr;
+    fn error_log(&self) -> String;
+    fn stop(&mut self);
+}
+
+impl Nginx for TestNginx {
+    fn dir(&self) -> &Path {
+        TestNginx::dir(self)
+    }
+    fn addr(&self) -> SocketAddr {
+        TestNginx::addr(self)
+    }
+    fn error_log(&self) -> String {
+        TestNginx::error_log(self)
+    }
+    fn stop(&mut self) {
+        TestNginx::stop(self)
+    }
+}
+
 /// nginx (its spool maybe on a small tmpfs), a private PostgreSQL, and a sidecar
 /// configuration for them (the sidecar is started by the test).
-pub(crate) struct Stack {
-    pub nginx: TestNginx,
+pub(crate) struct Stack<N: Nginx = TestNginx> {
+    pub nginx: N,
     pub pg: TestPostgres,
     pub db: Db,
     pub dir: tempfile::TempDir,
@@ -61,16 +85,30 @@ pub(crate) struct Stack {
     pub mount: Option<TmpfsMount>,
 }
 
-impl Stack {
+impl Stack<TestNginx> {
     /// `tmpfs`: mount options of a tmpfs for the spool (`None`: a plain folder; also when
     /// mounting is not allowed here: check [`Stack::mount`]). `spool_opts` are extra
     /// `logtally_spool` options, `sidecar_extra` extra sidecar configuration lines.
     pub fn new(tmpfs: Option<&str>, spool_opts: &str, sidecar_extra: &str) -> Stack {
+        Stack::with(tmpfs, spool_opts, sidecar_extra, |body, prepare| {
+            TestNginx::start_with(body, 2, prepare)
+        })
+    }
+}
+
+impl<N: Nginx> Stack<N> {
+    /// As [`Stack::new`], nginx started by `start(http body, prepare the prefix)`.
+    pub fn with(
+        tmpfs: Option<&str>,
+        spool_opts: &str,
+        sidecar_extra: &str,
+        start: impl FnOnce(&str, &mut dyn FnMut(&Path)) -> N,
+    ) -> Stack<N> {
         let pg = TestPostgres::start();
         let db = Db::create(&pg);
         let mut mount = None;
         let body = NGINX_BODY.replace("@SPOOL_OPTS@", spool_opts);
-        let nginx = TestNginx::start_with(&body, 2, |prefix| {
+        let nginx = start(&body, &mut |prefix: &Path| {
             if let Some(options) = tmpfs {
                 mount = TmpfsMount::at(&prefix.join("spool"), options);
             }
@@ -179,7 +217,7 @@ metrics = {{ events = "count" }}
     }
 }
 
-impl Drop for Stack {
+impl<N: Nginx> Drop for Stack<N> {
     fn drop(&mut self) {
         // nginx first, then the mount it writes into.
         self.nginx.stop();
