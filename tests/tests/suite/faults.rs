@@ -543,3 +543,43 @@ fn a_full_spool_disk_while_the_sidecar_reads_adds_up() {
     );
     assert!(sidecar.terminate().success());
 }
+
+/// The example configuration's fields (nginx-conf/module-example.conf) for the outage
+/// arithmetic in docs/reference.md: bytes one event takes in a real segment.
+const EXAMPLE_FIELDS: &str = r#"
+    logtally_spool @DIR@/spool flush=20ms;
+    logtally_field ad     $arg_ad;
+    logtally_field ev     $arg_ev;
+    logtally_field status $status;
+    logtally_field bytes  $body_bytes_sent;
+    logtally_field rt     $request_time;
+    logtally_field ua     $http_user_agent;
+    server {
+        listen 127.0.0.1:@PORT@;
+        location = /e { logtally on; return 204; }
+    }
+"#;
+
+#[test]
+fn bytes_per_event_of_the_example_fields() {
+    const N: usize = 2000;
+    let mut n = TestNginx::start(EXAMPLE_FIELDS, 1);
+    let mut client = HttpClient::new(n.addr());
+    let ua = b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36";
+    for i in 0..N {
+        let target = format!("/e?ad=ad{}&ev={}", i % 500, ["view", "click"][i % 2]);
+        let r = client.get(target.as_bytes(), &[("User-Agent", ua)]).unwrap();
+        assert_eq!(r.status, 204);
+    }
+    n.quit(); // seals the segment
+    let segs = logtally_e2e::nginx::read_spool(&n.dir().join("spool"));
+    let events: usize = segs.iter().map(|s| s.events.len()).sum();
+    assert_eq!(events, N);
+    let bytes: usize = segs.iter().map(|s| s.file_len - s.header_len).sum();
+    let per_event = bytes as f64 / N as f64;
+    eprintln!(
+        "spool: {per_event:.1} bytes per event (6 fields, a {}-byte user agent; {bytes} bytes for {N} events)",
+        ua.len()
+    );
+    assert!(per_event > ua.len() as f64, "{per_event}");
+}
