@@ -191,7 +191,7 @@ mod tests {
         c.observe([("a", 100)], 1_000);
         c.observe([("a", 300)], 2_000);
         c.observe([("a", 300)], 3_000); // no growth: no new observation
-        // Nothing committed: bytes below 100 existed at 1 000.
+                                        // Nothing committed: bytes below 100 existed at 1 000.
         assert_eq!(c.age_ms(5_000, |_| 0), 4_000);
         // Committed up to 100: the rest (100..300) existed at 2 000.
         assert_eq!(c.age_ms(5_000, |_| 100), 3_000);
@@ -231,7 +231,10 @@ mod tests {
         std::fs::write(dir.path().join("other.txt"), b"x").unwrap();
         let u = scan(dir.path()).unwrap();
         assert_eq!(u.segments.len(), 1);
-        assert_eq!((u.segments[0].name.as_str(), u.segments[0].size), (name.as_str(), 5000));
+        assert_eq!(
+            (u.segments[0].name.as_str(), u.segments[0].size),
+            (name.as_str(), 5000)
+        );
         assert!(u.disk_bytes() >= 4096, "{u:?}");
         assert!(u.free_bytes.is_some_and(|f| f > 0));
     }

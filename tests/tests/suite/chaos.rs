@@ -113,7 +113,10 @@ impl Campaign {
             || self.stack.stored() >= target,
         );
         let catch_up = start.elapsed();
-        eprintln!("chaos: {fault}: caught up in {:.2} s", catch_up.as_secs_f64());
+        eprintln!(
+            "chaos: {fault}: caught up in {:.2} s",
+            catch_up.as_secs_f64()
+        );
         self.rows.push(Row { fault, catch_up });
     }
 
@@ -147,10 +150,17 @@ impl Campaign {
         let old = self.stack.nginx.worker_pids();
         self.stack.nginx.reload();
         // New workers, and the old ones gone (they exit once their segments are sealed).
-        wait_for(Duration::from_secs(30), "old workers to exit after a reload", || self.logs(), || {
-            let now = self.stack.nginx.worker_pids();
-            now.len() == 2 && now.iter().all(|p| !old.contains(p)) && !old.iter().any(|p| alive(*p))
-        });
+        wait_for(
+            Duration::from_secs(30),
+            "old workers to exit after a reload",
+            || self.logs(),
+            || {
+                let now = self.stack.nginx.worker_pids();
+                now.len() == 2
+                    && now.iter().all(|p| !old.contains(p))
+                    && !old.iter().any(|p| alive(*p))
+            },
+        );
     }
 
     fn reloads(&mut self, n: usize) {
@@ -185,7 +195,11 @@ impl Campaign {
             .map(|s| {
                 let name = s.path.file_name().unwrap().to_string_lossy().into_owned();
                 let known = before.contains(&name);
-                format!("{name}: before {known}, seal {:?}, events {}", s.seal, s.events.len())
+                format!(
+                    "{name}: before {known}, seal {:?}, events {}",
+                    s.seal,
+                    s.events.len()
+                )
             })
             .collect();
         let candidates: Vec<_> = all
@@ -208,9 +222,15 @@ impl Campaign {
             .into_iter()
             .find(|s| s.path == path)
             .expect("the damaged segment");
-        assert!(after.corrupt_bytes > 0, "the damage is not seen as corruption");
+        assert!(
+            after.corrupt_bytes > 0,
+            "the damage is not seen as corruption"
+        );
         let lost = events_before - after.events.len() as u64;
-        assert!(lost >= damaged as u64, "{damaged} frames damaged, {lost} events lost");
+        assert!(
+            lost >= damaged as u64,
+            "{damaged} frames damaged, {lost} events lost"
+        );
         self.corrupted += lost;
         self.sidecar = Some(self.stack.start_sidecar());
         self.traffic().resume();
@@ -226,16 +246,29 @@ impl Campaign {
         let before = self.stack.module();
         let old = self.stack.nginx.master_pid();
         self.stack.nginx.signal(old, libc::SIGUSR2);
-        wait_for(Duration::from_secs(20), "the new master", || self.logs(), || {
-            let new = self.stack.nginx.master_pid();
-            new != 0 && new != old && workers_of(new, false).len() == 2
-        });
+        wait_for(
+            Duration::from_secs(20),
+            "the new master",
+            || self.logs(),
+            || {
+                let new = self.stack.nginx.master_pid();
+                new != 0 && new != old && workers_of(new, false).len() == 2
+            },
+        );
         self.stack.nginx.signal(old, libc::SIGWINCH);
-        wait_for(Duration::from_secs(30), "the old workers to leave", || self.logs(), || {
-            workers_of(old, true).is_empty()
-        });
+        wait_for(
+            Duration::from_secs(30),
+            "the old workers to leave",
+            || self.logs(),
+            || workers_of(old, true).is_empty(),
+        );
         self.stack.nginx.signal(old, libc::SIGQUIT);
-        wait_for(Duration::from_secs(30), "the old master to leave", || self.logs(), || !alive(old));
+        wait_for(
+            Duration::from_secs(30),
+            "the old master to leave",
+            || self.logs(),
+            || !alive(old),
+        );
         let after = self.stack.module();
         // A fresh zone starts at 0; were it inherited, it would still show `before`.
         if after != before {
@@ -287,10 +320,15 @@ impl Campaign {
     fn finish(mut self, form: Form, seed: u64, started: Instant) {
         let client_sent = self.traffic.take().expect("traffic running").stop();
         let served = self.stack.served();
-        wait_for(Duration::from_secs(30), "the module to account for every request", || self.logs(), || {
-            let m = self.module();
-            m.written + m.dropped == served
-        });
+        wait_for(
+            Duration::from_secs(30),
+            "the module to account for every request",
+            || self.logs(),
+            || {
+                let m = self.module();
+                m.written + m.dropped == served
+            },
+        );
         let m = self.module();
         let expected = (m.written - self.corrupted) as i64;
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -324,7 +362,10 @@ impl Campaign {
             t += &format!("| {} | {:.1} s |\n", r.fault, r.catch_up.as_secs_f64());
         }
         eprintln!("{t}");
-        assert_eq!(client_sent, served, "answered requests vs nginx's access_log");
+        assert_eq!(
+            client_sent, served,
+            "answered requests vs nginx's access_log"
+        );
         assert_eq!(doubled, 0, "stored ≠ sent − dropped\n{}", self.logs());
         assert_eq!(stored, expected, "stored ≠ written − corrupted");
         if let Some(s) = self.sidecar.take() {
@@ -401,9 +442,12 @@ fn campaign() {
         rows: Vec::new(),
         rng: rand::rngs::StdRng::seed_from_u64(seed),
     };
-    wait_for(Duration::from_secs(30), "the first events stored", || c.logs(), || {
-        c.stack.stored() > 0
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "the first events stored",
+        || c.logs(),
+        || c.stack.stored() > 0,
+    );
     c.kills(form.kills);
     c.reloads(form.reloads);
     c.corrupt_a_sealed_segment();

@@ -234,10 +234,19 @@ pub(crate) fn sidecar_metric(addr: SocketAddr, name: &str) -> Option<f64> {
 }
 
 /// Polls `cond` every 100 ms until it holds; panics after `limit` with `what` and `logs()`.
-pub(crate) fn wait_for(limit: Duration, what: &str, logs: impl Fn() -> String, mut cond: impl FnMut() -> bool) {
+pub(crate) fn wait_for(
+    limit: Duration,
+    what: &str,
+    logs: impl Fn() -> String,
+    mut cond: impl FnMut() -> bool,
+) {
     let deadline = Instant::now() + limit;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", logs());
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -337,7 +346,12 @@ fn lag_climbs_past_a_database_outage_even_without_a_reader_and_falls_after_catch
     }
     let mut sidecar = stack.start_sidecar();
     let traffic = Traffic::start(stack.nginx.addr(), Duration::from_millis(20), 0);
-    wait_for(Duration::from_secs(30), "events stored", || stack.logs(), || stack.stored() > 20);
+    wait_for(
+        Duration::from_secs(30),
+        "events stored",
+        || stack.logs(),
+        || stack.stored() > 20,
+    );
     // Healthy: the lag stays within a flush interval and a scan.
     let mut healthy_max = 0.0f64;
     for _ in 0..20 {
@@ -361,18 +375,31 @@ fn lag_climbs_past_a_database_outage_even_without_a_reader_and_falls_after_catch
     let module = stack.module();
     let spool_bytes = stack.metric("logtally_spool_bytes").unwrap();
     let free = stack.metric("logtally_spool_free_bytes").unwrap();
-    assert!(spool_bytes > 0.0 && free > 0.0, "spool {spool_bytes} B, free {free} B");
+    assert!(
+        spool_bytes > 0.0 && free > 0.0,
+        "spool {spool_bytes} B, free {free} B"
+    );
     let outage = down.elapsed();
     stack.pg.start_again();
     let up = Instant::now();
-    wait_for(Duration::from_secs(60), "the lag to fall", || stack.logs(), || {
-        stack.metric("logtally_lag_seconds").is_some_and(|l| l < 3.0)
-    });
+    wait_for(
+        Duration::from_secs(60),
+        "the lag to fall",
+        || stack.logs(),
+        || {
+            stack
+                .metric("logtally_lag_seconds")
+                .is_some_and(|l| l < 3.0)
+        },
+    );
     let fell_in = up.elapsed();
     let sent = traffic.stop();
-    wait_for(Duration::from_secs(60), "every request stored", || stack.logs(), || {
-        stack.stored() == sent as i64
-    });
+    wait_for(
+        Duration::from_secs(60),
+        "every request stored",
+        || stack.logs(),
+        || stack.stored() == sent as i64,
+    );
     assert_eq!(stack.served(), sent);
     eprintln!(
         "lag: healthy max {healthy_max:.2} s; database down {:.1} s → lag {lag_down:.1} s \
@@ -451,7 +478,12 @@ fn an_unreadable_segment_raises_the_lag_until_it_is_gone() {
     // A segment whose header is damaged: the reader leaves it for an operator, unread.
     let bad = spool.join(segment_file_name(now_ms(), 1, 2));
     std::fs::write(&bad, b"LTSPOOL\0 this is not a header at all").unwrap();
-    wait_for(Duration::from_secs(30), "the good segment stored", logs, || stored_bare(&db) == 100);
+    wait_for(
+        Duration::from_secs(30),
+        "the good segment stored",
+        logs,
+        || stored_bare(&db) == 100,
+    );
     wait_for(Duration::from_secs(30), "the lag to pass 5 s", logs, || {
         sidecar_metric(listen, "logtally_lag_seconds").unwrap_or(0.0) >= 5.0
     });
@@ -474,18 +506,35 @@ fn event_times_the_database_cannot_store_are_counted_and_skipped() {
     let now = now_ms();
     // Year 10000 (one past PostgreSQL's timestamptz), far future, and times that are
     // negative read as signed 64-bit numbers; 50 good events around them.
-    let bad = [253_402_300_800_000, 1 << 62, 1 << 63, u64::MAX, u64::MAX - 1];
+    let bad = [
+        253_402_300_800_000,
+        1 << 62,
+        1 << 63,
+        u64::MAX,
+        u64::MAX - 1,
+    ];
     let mut times = vec![now; 50];
     for (i, t) in bad.iter().enumerate() {
         times.insert(i * 10, *t);
     }
     write_segment(&spool, 1, &times);
     let sidecar = TestSidecar::start(&config, &log, listen);
-    wait_for(Duration::from_secs(30), "the bad times counted", logs, || {
-        sidecar_metric(listen, "logtally_bad_time_events_total") == Some(bad.len() as f64)
-    });
-    wait_for(Duration::from_secs(30), "the good events stored", logs, || stored_bare(&db) == 50);
-    assert_eq!(sidecar_metric(listen, "logtally_events_read_total"), Some(55.0));
+    wait_for(
+        Duration::from_secs(30),
+        "the bad times counted",
+        logs,
+        || sidecar_metric(listen, "logtally_bad_time_events_total") == Some(bad.len() as f64),
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the good events stored",
+        logs,
+        || stored_bare(&db) == 50,
+    );
+    assert_eq!(
+        sidecar_metric(listen, "logtally_events_read_total"),
+        Some(55.0)
+    );
     // Nothing in a bucket of a bad time.
     let buckets = db
         .query("SELECT count(DISTINCT bucket)::bigint FROM hits")
@@ -523,17 +572,32 @@ fn a_full_spool_disk_while_the_sidecar_reads_adds_up() {
         t.join().unwrap();
     }
     assert_eq!(stack.served(), TOTAL);
-    wait_for(Duration::from_secs(30), "every event written or dropped", || stack.logs(), || {
-        let m = stack.module();
-        m.written + m.dropped == TOTAL
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "every event written or dropped",
+        || stack.logs(),
+        || {
+            let m = stack.module();
+            m.written + m.dropped == TOTAL
+        },
+    );
     let m = stack.module();
-    assert!(m.write_errors > 0 && m.dropped > 0, "the disk never filled: {m:?}");
-    wait_for(Duration::from_secs(60), "stored = written", || stack.logs(), || {
-        stack.stored() == m.written as i64
-    });
+    assert!(
+        m.write_errors > 0 && m.dropped > 0,
+        "the disk never filled: {m:?}"
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "stored = written",
+        || stack.logs(),
+        || stack.stored() == m.written as i64,
+    );
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(stack.stored() as u64 + m.dropped, TOTAL, "stored + dropped = sent");
+    assert_eq!(
+        stack.stored() as u64 + m.dropped,
+        TOTAL,
+        "stored + dropped = sent"
+    );
     eprintln!(
         "full disk: sent {TOTAL}, written {} (stored {}), dropped {}, write errors {}",
         m.written,
@@ -568,7 +632,9 @@ fn bytes_per_event_of_the_example_fields() {
     let ua = b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36";
     for i in 0..N {
         let target = format!("/e?ad=ad{}&ev={}", i % 500, ["view", "click"][i % 2]);
-        let r = client.get(target.as_bytes(), &[("User-Agent", ua)]).unwrap();
+        let r = client
+            .get(target.as_bytes(), &[("User-Agent", ua)])
+            .unwrap();
         assert_eq!(r.status, 204);
     }
     n.quit(); // seals the segment

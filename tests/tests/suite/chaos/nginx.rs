@@ -36,7 +36,9 @@ impl DaemonNginx {
         prepare(dir.path());
         let port = free_port();
         let d = dir.path().display().to_string();
-        let body = body.replace("@PORT@", &port.to_string()).replace("@DIR@", &d);
+        let body = body
+            .replace("@PORT@", &port.to_string())
+            .replace("@DIR@", &d);
         let conf = format!(
             "load_module {module};\nworker_processes 2;\ndaemon on;\nmaster_process on;\n\
              error_log {d}/error.log info;\npid {d}/nginx.pid;\nworker_shutdown_timeout 10s;\n\
@@ -62,7 +64,11 @@ impl DaemonNginx {
         );
         let deadline = Instant::now() + Duration::from_secs(15);
         while n.worker_pids().len() != 2 || TcpStream::connect(n.addr()).is_err() {
-            assert!(Instant::now() < deadline, "nginx not serving:\n{}", n.error_log());
+            assert!(
+                Instant::now() < deadline,
+                "nginx not serving:\n{}",
+                n.error_log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         n
@@ -93,7 +99,11 @@ impl DaemonNginx {
     /// `nginx -s reload`.
     pub fn reload(&self) {
         let out = self.command().args(["-s", "reload"]).output().unwrap();
-        assert!(out.status.success(), "reload: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "reload: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// The current master's workers that are not shutting down.
@@ -112,7 +122,11 @@ pub(crate) fn workers_of(master: i32, all: bool) -> Vec<i32> {
         .filter_map(|e| {
             let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let ppid: i32 = stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()?;
+            let ppid: i32 = stat[stat.rfind(')')? + 2..]
+                .split(' ')
+                .nth(1)?
+                .parse()
+                .ok()?;
             let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
             let cmd = String::from_utf8_lossy(&cmd);
             let worker = cmd.contains("worker process") && (all || !cmd.contains("shutting down"));
