@@ -319,6 +319,11 @@ impl Campaign {
     /// counts disagree.
     fn finish(mut self, form: Form, seed: u64, started: Instant) {
         let client_sent = self.traffic.take().expect("traffic running").stop();
+        // nginx logs a request after its answer went out: give the last lines a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.stack.served() < client_sent && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let served = self.stack.served();
         wait_for(
             Duration::from_secs(30),

@@ -400,7 +400,12 @@ fn lag_climbs_past_a_database_outage_even_without_a_reader_and_falls_after_catch
         || stack.logs(),
         || stack.stored() == sent as i64,
     );
-    assert_eq!(stack.served(), sent);
+    wait_for(
+        Duration::from_secs(10),
+        "the access_log to hold every request",
+        || stack.logs(),
+        || stack.served() == sent,
+    );
     eprintln!(
         "lag: healthy max {healthy_max:.2} s; database down {:.1} s → lag {lag_down:.1} s \
          ({} events written, spool {spool_bytes} B on disk, {free} B free); \
@@ -571,7 +576,13 @@ fn a_full_spool_disk_while_the_sidecar_reads_adds_up() {
     for t in threads {
         t.join().unwrap();
     }
-    assert_eq!(stack.served(), TOTAL);
+    // nginx logs a request after its answer went out: wait for the last lines.
+    wait_for(
+        Duration::from_secs(10),
+        "the access_log to hold every request",
+        || stack.logs(),
+        || stack.served() == TOTAL,
+    );
     wait_for(
         Duration::from_secs(30),
         "every event written or dropped",
