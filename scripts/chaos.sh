@@ -7,8 +7,8 @@
 # and exits non-zero when the counts disagree. The campaign is the ignored e2e test
 # `chaos::campaign` (tests/tests/suite/chaos.rs).
 #
-#   scripts/chaos.sh            long form: 100 kill -9s, 20 reloads, PostgreSQL down 60 s (~6 min)
-#   scripts/chaos.sh --short    short form (CI): 10 kill -9s, 3 reloads, PostgreSQL down 10 s
+#   scripts/chaos.sh            long form: 100 kill -9s, 20 reloads, PostgreSQL down 60 s (~3.5 min)
+#   scripts/chaos.sh --short    short form (CI): 10 kill -9s, 3 reloads, PostgreSQL down 10 s (~1 min)
 #   LOGTALLY_CHAOS_SEED=N ...   replay the random moments of an earlier run (it prints its seed)
 #   --no-build                  use the module and sidecar already built
 #
