@@ -52,8 +52,12 @@ pub struct Metrics {
     pub database_errors: IntCounter,
     /// Bytes in the spool not yet committed (sum over segments of size − committed offset).
     pub lag_bytes: IntGauge,
-    /// Age of the oldest event read but not yet committed; 0 when nothing is pending.
+    /// Age of the oldest spool byte not yet committed (read or not); 0 when none waits.
     pub lag_seconds: Gauge,
+    /// What the spool segments take on disk.
+    pub spool_bytes: IntGauge,
+    /// Free bytes of the spool's file system.
+    pub spool_free_bytes: IntGauge,
     /// Aggregate keys held in memory, all rules together.
     pub pending_keys: IntGauge,
     /// Spool segments the reader currently tracks.
@@ -174,9 +178,17 @@ impl Metrics {
         )?;
         let lag_seconds = Gauge::new(
             "logtally_lag_seconds",
-            "Age of the oldest event read but not yet committed (0 when none is pending).",
+            "Age of the oldest spool byte not yet committed, read or not (0 when none waits).",
         )?;
         registry.register(Box::new(lag_seconds.clone()))?;
+        let spool_bytes = int_gauge(
+            "logtally_spool_bytes",
+            "Bytes the spool segments take on disk (allocated blocks).",
+        )?;
+        let spool_free_bytes = int_gauge(
+            "logtally_spool_free_bytes",
+            "Free bytes of the spool folder's file system (statvfs f_bavail).",
+        )?;
         let pending_keys = int_gauge(
             "logtally_pending_keys",
             "Aggregate keys held in memory, all rules.",
@@ -267,6 +279,8 @@ impl Metrics {
             database_errors,
             lag_bytes,
             lag_seconds,
+            spool_bytes,
+            spool_free_bytes,
             pending_keys,
             segments_open,
             segments_deleted,
@@ -431,6 +445,8 @@ mod tests {
             ("logtally_database_errors_total", "counter"),
             ("logtally_lag_bytes", "gauge"),
             ("logtally_lag_seconds", "gauge"),
+            ("logtally_spool_bytes", "gauge"),
+            ("logtally_spool_free_bytes", "gauge"),
             ("logtally_pending_keys", "gauge"),
             ("logtally_segments_open", "gauge"),
             ("logtally_segments_deleted_total", "counter"),

@@ -29,8 +29,16 @@ pub struct Status {
     pub segments: BTreeMap<String, SegmentStatus>,
     /// Spool bytes not yet committed, all segments.
     pub lag_bytes: u64,
-    /// Age of the oldest event read but not committed (0 when nothing is pending).
+    /// Age of the oldest spool byte not yet committed: the larger of the oldest pending
+    /// event's age and `unread_lag_seconds` (0 when everything is committed).
     pub lag_seconds: f64,
+    /// How long the oldest uncommitted byte has existed by the spool folder's own look
+    /// (`spool/usage.rs`: sizes seen once a second), whether or not the reader read it.
+    pub unread_lag_seconds: f64,
+    /// What the spool segments take on disk (allocated blocks).
+    pub spool_bytes: u64,
+    /// Free bytes of the spool's file system (`None` until known).
+    pub spool_free_bytes: Option<u64>,
     /// Aggregate keys in memory, all rules.
     pub pending_keys: u64,
     /// Events the nginx module reported dropped (spool drop markers) since start.
@@ -178,6 +186,9 @@ impl Status {
             segments: BTreeMap::new(),
             lag_bytes: 0,
             lag_seconds: 0.0,
+            unread_lag_seconds: 0.0,
+            spool_bytes: 0,
+            spool_free_bytes: None,
             pending_keys: 0,
             module_dropped_events: 0,
             last_flush: None,
@@ -338,14 +349,15 @@ impl Status {
         self.recompute_lag();
     }
 
-    /// Recomputes the totals (`lag_bytes`, `lag_seconds`) from the per-segment values.
+    /// Recomputes the totals (`lag_bytes`, `lag_seconds`) from the per-segment values and
+    /// the spool folder's own clock (`unread_lag_seconds`).
     pub fn recompute_lag(&mut self) {
         self.lag_bytes = self.segments.values().map(|s| s.lag_bytes).sum();
         self.lag_seconds = self
             .segments
             .values()
             .map(|s| s.lag_seconds)
-            .fold(0.0, f64::max);
+            .fold(self.unread_lag_seconds, f64::max);
     }
 }
 

@@ -173,6 +173,12 @@ pub async fn run(
         },
     ));
 
+    // The spool's size, free space and the lag clock, from a thread outside the reader.
+    if let Err(error) =
+        crate::spool::usage::start(config.spool_dir.clone(), metrics.clone(), status.clone())
+    {
+        warn!(%error, "cannot start the spool usage thread; lag counts read events only");
+    }
     let result = run_loop(config, metrics, status, shutdown).await;
 
     let _ = retention_stop_tx.send(());

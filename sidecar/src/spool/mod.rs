@@ -6,6 +6,8 @@
 //! - `liveness.rs`: whether an unsealed segment's writer is gone (its lock), and whether the
 //!   spool folder's file system can tell;
 //! - `node.rs`: the node id stored in the folder (whose checkpoint the spool has);
+//! - `usage.rs`: what the segments take on disk, the file system's free bytes, and the
+//!   age of the oldest uncommitted byte (a thread of its own, outside the reader);
 //! - `dump.rs`: `logtally dump`, segments as JSON lines.
 //!
 //! Frames are walked by `logtally_spool::SegmentReader` in both the tailer and the dump.
@@ -17,3 +19,4 @@ pub mod liveness;
 pub mod node;
 mod segment;
 pub mod tail;
+pub mod usage;

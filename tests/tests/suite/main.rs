@@ -4,10 +4,12 @@
 //!
 //! Run one area with a filter: `cargo test --release -p logtally-e2e --test suite module::`.
 
+mod chaos;
 mod citus;
 mod e2e;
 mod exactly_once;
 mod limits;
+mod faults;
 mod module;
 mod observability;
 mod operator;

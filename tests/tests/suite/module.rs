@@ -334,7 +334,7 @@ fn bad_configurations_fail_nginx_t_naming_the_directive() {
 }
 
 /// A tmpfs mounted for a test, unmounted (lazily, so a crashed test cannot wedge it) on drop.
-struct TmpfsMount {
+pub(crate) struct TmpfsMount {
     path: PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
@@ -342,7 +342,7 @@ struct TmpfsMount {
 impl TmpfsMount {
     /// Mounts a tmpfs with `options` on a new temporary folder; `None` where mounting is
     /// not allowed (not root, no CAP_SYS_ADMIN).
-    fn new(options: &str) -> Option<TmpfsMount> {
+    pub(crate) fn new(options: &str) -> Option<TmpfsMount> {
         let dir = tempfile::Builder::new()
             .prefix("logtally-mnt-")
             .tempdir()
@@ -354,7 +354,7 @@ impl TmpfsMount {
         })
     }
 
-    fn at(path: &Path, options: &str) -> Option<TmpfsMount> {
+    pub(crate) fn at(path: &Path, options: &str) -> Option<TmpfsMount> {
         std::fs::create_dir_all(path).ok()?;
         let ok = Command::new("mount")
             .args(["-t", "tmpfs", "-o", options, "tmpfs"])

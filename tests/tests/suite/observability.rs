@@ -46,7 +46,7 @@ mod shipped_config {
         let out = promtool(&["check", "rules", rules.to_str().unwrap()], None);
         assert_promtool_ok(&out, "check rules");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(stdout.contains("SUCCESS: 3 rules found"), "{stdout}");
+        assert!(stdout.contains("SUCCESS: 4 rules found"), "{stdout}");
 
         // The unit tests feed synthetic series and assert each alert fires (and only then).
         let tests = repo_file("nginx-conf/logtally-alerts.test.yml");
@@ -60,7 +60,7 @@ mod shipped_config {
         let out = promtool(&["check", "config", config.to_str().unwrap()], None);
         assert_promtool_ok(&out, "check config");
         // It loads the alert rules, so those are checked through it as well.
-        assert!(String::from_utf8_lossy(&out.stdout).contains("3 rules found"));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("4 rules found"));
     }
 }
 
