@@ -4,6 +4,7 @@
 //!
 //! Run one area with a filter: `cargo test --release -p logtally-e2e --test suite module::`.
 
+mod aggregates;
 mod citus;
 mod e2e;
 mod exactly_once;
