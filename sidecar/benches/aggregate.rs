@@ -1,19 +1,25 @@
 //! Decode + aggregate rate on one core, beside a memchr newline count over the same bytes
 //! (the least work any line-based log reader does).
 //!
-//! Builds an in-memory spool of 10 M typical ad events (time + ad, ev, cmp, bytes, rt and two
-//! more fields, about 100 bytes a frame), then times: decoding every frame with the spool
-//! crate and adding it to an [`Aggregator`] with the rule of the design sketch
-//! (`group_by = ["ad", "ev", "cmp"]`, count, sum(bytes), max(rt), 1 m buckets), plus a drain.
+//! Builds an in-memory spool of 10 M typical ad events (time + ad, ev, cmp, bytes, rt, uid and
+//! two more fields, about 110 bytes a frame), then times: decoding every frame with the spool
+//! crate and adding it to an [`Aggregator`], plus a drain, for two rules in the same run:
+//! - plain, the rule of the design sketch: `group_by = ["ad", "ev", "cmp"]`, count,
+//!   sum(bytes), max(rt), 1 m buckets;
+//! - with sketches, the issue-12 rule: `group_by = ["ad", "cmp"]`, count, two conditional
+//!   counts (`count where ev = 'view'`, `… = 'click'`), `distinct(uid)` (1 M users) and
+//!   `quantiles(rt)`, 1 m buckets;
+//!
+//! and prints both rates (per wall and per CPU second) and their ratio.
 //!
 //! Run: `cargo bench -p logtally --bench aggregate` (`LOGTALLY_BENCH_EVENTS=1000000` for a
 //! quicker run).
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use logtally::aggregate::Aggregator;
-use logtally::config::{Metric, MetricKind, Rule};
+use logtally::config::Rule;
 use logtally::spool::tail::{SegmentEvent, Tailer, TailerOptions};
 use logtally_spool::{
     decode_frame, encode_event, encode_header, segment_file_name, Decoded, Frame, SegmentHeader,
@@ -22,25 +28,36 @@ use logtally_spool::{
 const ROUNDS: usize = 5;
 
 fn fields() -> Vec<String> {
-    ["ad", "ev", "cmp", "bytes", "rt", "status", "host"]
+    ["ad", "ev", "cmp", "bytes", "rt", "uid", "status", "host"]
         .iter()
         .map(|s| s.to_string())
         .collect()
 }
 
-fn rule() -> Rule {
-    let m = Metric::new;
-    Rule {
-        filter: None,
-        table: "ad_events_1m".into(),
-        bucket: Duration::from_secs(60),
-        group_by: vec!["ad".into(), "ev".into(), "cmp".into()],
-        metrics: vec![
-            m("events", MetricKind::Count),
-            m("bytes", MetricKind::Sum("bytes".into())),
-            m("rt_max", MetricKind::Max("rt".into())),
-        ],
-    }
+/// The rules, parsed from a configuration as the daemon reads it: plain, with sketches.
+fn rules() -> (Rule, Rule) {
+    let text = r#"
+database_url = "postgres://bench@127.0.0.1/bench"
+spool_dir = "/nonexistent"
+node = "bench"
+
+[[rule]]
+table    = "ad_events_1m"
+bucket   = "1m"
+group_by = ["ad", "ev", "cmp"]
+metrics  = { events = "count", bytes = "sum(bytes)", rt_max = "max(rt)" }
+
+[[rule]]
+table    = "ad_reach_1m"
+bucket   = "1m"
+group_by = ["ad", "cmp"]
+metrics  = { events = "count", views = "count where ev = 'view'", clicks = "count where ev = 'click'", reach = "distinct(uid)", rt = "quantiles(rt)" }
+"#;
+    let mut config = logtally::config::parse(std::path::Path::new("bench.toml"), text)
+        .expect("bench config is valid");
+    let sketches = config.rules.pop().expect("two rules");
+    let plain = config.rules.pop().expect("two rules");
+    (plain, sketches)
 }
 
 /// A cheap deterministic generator (xorshift), so the data has no pattern a branch
@@ -57,8 +74,9 @@ fn build(events: usize) -> Vec<u8> {
     let cmps: Vec<String> = (0..200).map(|i| format!("campaign-{i:04}")).collect();
     let sizes: Vec<String> = (0..1000).map(|i| (200 + i * 37).to_string()).collect();
     let rts: Vec<String> = (0..500).map(|i| format!("0.{i:03}")).collect();
+    let uids: Vec<String> = (0..1_000_000).map(|i| format!("u{i:07}")).collect();
     let evs = [&b"impression"[..], b"view", b"click"];
-    let mut out = Vec::with_capacity(events * 100);
+    let mut out = Vec::with_capacity(events * 112);
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for i in 0..events {
         let r = next(&mut x);
@@ -73,6 +91,7 @@ fn build(events: usize) -> Vec<u8> {
                 Some(cmps[ad % 200].as_bytes()),
                 Some(sizes[((r >> 24) % 1000) as usize].as_bytes()),
                 Some(rts[((r >> 40) % 500) as usize].as_bytes()),
+                Some(uids[(next(&mut x) % 1_000_000) as usize].as_bytes()),
                 Some(&b"200"[..]),
                 Some(&b"edge-17.example.net"[..]),
             ],
@@ -132,26 +151,10 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
 
-    let rules = vec![rule()];
+    let (plain, sketches) = rules();
     let header = fields();
-    let mut agg = Aggregator::new(&rules);
-    let mut rows = 0;
-    let mut cpu = Vec::new();
-    let agg_s = median(
-        (0..ROUNDS)
-            .map(|_| {
-                let c = cpu_seconds();
-                let t = Instant::now();
-                let (n, r) = decode_and_aggregate(black_box(&spool), &mut agg, &header);
-                let s = t.elapsed().as_secs_f64();
-                cpu.push(cpu_seconds() - c);
-                assert_eq!(n as usize, events);
-                rows = r;
-                s
-            })
-            .collect(),
-    );
-    let agg_cpu = median(cpu);
+    let (agg_s, agg_cpu, rows) = measure(&spool, events, &plain, &header);
+    let (sk_s, sk_cpu, sk_rows) = measure(&spool, events, &sketches, &header);
 
     let decode_s = median(
         (0..ROUNDS)
@@ -196,6 +199,18 @@ fn main() {
         mb / agg_cpu,
     );
     println!(
+        "with sketches (count, 2 conditional counts, distinct(uid), quantiles(rt)): \
+         {:.2} M events/s, {:.1} ns/event ({sk_rows} rows); per CPU second {:.2} M events/s",
+        events as f64 / sk_s / 1e6,
+        sk_s * 1e9 / events as f64,
+        events as f64 / sk_cpu / 1e6,
+    );
+    println!(
+        "ratio with sketches / plain time: {:.2}x (wall), {:.2}x (CPU)",
+        sk_s / agg_s,
+        sk_cpu / agg_cpu
+    );
+    println!(
         "decode only (frames checked, values walked): {:.2} M events/s, {:.0} MB/s",
         events as f64 / decode_s / 1e6,
         mb / decode_s,
@@ -208,7 +223,30 @@ fn main() {
     );
     println!("ratio memchr / decode+aggregate time: {:.1}x", agg_s / nl_s);
 
-    tail_from_file(&spool, events, &rules, &header);
+    tail_from_file(&spool, events, &[plain], &header);
+}
+
+/// Medians of [`ROUNDS`] decode+aggregate passes with `rule`: (wall s, CPU s, rows drained).
+fn measure(spool: &[u8], events: usize, rule: &Rule, header: &[String]) -> (f64, f64, usize) {
+    let rules = [rule.clone()];
+    let mut agg = Aggregator::new(&rules);
+    let mut rows = 0;
+    let mut cpu = Vec::new();
+    let wall = median(
+        (0..ROUNDS)
+            .map(|_| {
+                let c = cpu_seconds();
+                let t = Instant::now();
+                let (n, r) = decode_and_aggregate(black_box(spool), &mut agg, header);
+                let s = t.elapsed().as_secs_f64();
+                cpu.push(cpu_seconds() - c);
+                assert_eq!(n as usize, events);
+                rows = r;
+                s
+            })
+            .collect(),
+    );
+    (wall, median(cpu), rows)
 }
 
 /// The same events written to a segment file (page cache warm), read back by the real

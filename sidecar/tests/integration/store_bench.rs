@@ -32,7 +32,7 @@ group_by = ["ad", "ev", "cmp"]
 metrics = { events = "count", bytes = "sum(bytes)", rt_max = "max(rt)" }
 "#;
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
@@ -99,7 +99,7 @@ async fn flush_100k_rows() {
     );
 }
 
-fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+pub(crate) fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -108,7 +108,7 @@ fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
@@ -118,7 +118,7 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-fn metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+pub(crate) fn metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
     let body = http_get(addr, "/metrics").ok()?.text();
     body.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
@@ -254,7 +254,7 @@ async fn rss_per_pending_key() {
     }
 }
 
-struct KillOnDrop(std::process::Child);
+pub(crate) struct KillOnDrop(pub(crate) std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

@@ -4,12 +4,13 @@
 //!
 //! Run one area with a filter: `cargo test --release -p logtally-e2e --test suite module::`.
 
+mod aggregates;
 mod chaos;
 mod citus;
 mod e2e;
 mod exactly_once;
-mod limits;
 mod faults;
+mod limits;
 mod module;
 mod observability;
 mod operator;
