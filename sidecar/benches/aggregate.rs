@@ -16,10 +16,10 @@
 //! quicker run).
 
 use std::hint::black_box;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use logtally::aggregate::Aggregator;
-use logtally::config::Rule;
+use logtally::config::{Rule, RuleLimits};
 use logtally::spool::tail::{SegmentEvent, Tailer, TailerOptions};
 use logtally_spool::{
     decode_frame, encode_event, encode_header, segment_file_name, Decoded, Frame, SegmentHeader,
@@ -222,6 +222,7 @@ fn main() {
         bytes as f64 / events as f64
     );
     println!("ratio memchr / decode+aggregate time: {:.1}x", agg_s / nl_s);
+    limited(&spool, events, std::slice::from_ref(&plain), &header, agg_cpu);
 
     tail_from_file(&spool, events, &[plain], &header);
 }
@@ -247,6 +248,42 @@ fn measure(spool: &[u8], events: usize, rule: &Rule, header: &[String]) -> (f64,
             .collect(),
     );
     (wall, median(cpu), rows)
+}
+
+/// The same rule with `retention` and `max_keys`: a limit no bucket reaches (the cost of
+/// the checks) and a small one (most keys go to the overflow row), per CPU second, beside
+/// the plain rule's `plain_cpu`.
+fn limited(spool: &[u8], events: usize, rules: &[Rule], header: &[String], plain_cpu: f64) {
+    for (what, max_keys) in [
+        ("max_keys never reached", 10_000_000),
+        ("max_keys = 1000", 1000),
+    ] {
+        let limits = [RuleLimits {
+            max_keys: Some(max_keys),
+            retention: Some(Duration::from_secs(90 * 86_400)),
+            ..RuleLimits::default()
+        }];
+        let mut rows = 0;
+        let cpu = median(
+            (0..ROUNDS)
+                .map(|_| {
+                    let mut agg = Aggregator::with_limits(rules, &limits);
+                    agg.set_now(1_764_300_000_000 + 600_000); // the spool's end: nothing expires
+                    let c = cpu_seconds();
+                    let (n, r) = decode_and_aggregate(black_box(spool), &mut agg, header);
+                    assert_eq!(n as usize, events);
+                    rows = r;
+                    cpu_seconds() - c
+                })
+                .collect(),
+        );
+        println!(
+            "decode+aggregate with retention and {what}: {:.2} M events/s per CPU second, \
+             {:.2}x the plain rule's time ({rows} rows)",
+            events as f64 / cpu / 1e6,
+            cpu / plain_cpu,
+        );
+    }
 }
 
 /// The same events written to a segment file (page cache warm), read back by the real

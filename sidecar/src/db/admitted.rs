@@ -8,13 +8,14 @@
 //! growing value. Rows of buckets older than the node's admission horizon are deleted in
 //! the flush that moves the horizon. The table exists only when some rule has `max_keys`.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use tokio_postgres::Transaction;
 
 use crate::aggregate::admission::AdmittedDelta;
 use crate::config::{Config, ADMITTED_TABLE};
 
+use super::rows::bucket_time;
 use super::schema::{ColumnSpec, TableSpec};
 use super::StoreError;
 
@@ -74,14 +75,6 @@ pub fn decode_hashes(bytes: &[u8]) -> Vec<u64> {
         .collect()
 }
 
-fn time_of(ms: i64) -> SystemTime {
-    if ms >= 0 {
-        UNIX_EPOCH + Duration::from_millis(ms as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
-    }
-}
-
 /// Writes one rule's admissions of a flush, inside its transaction.
 pub(super) async fn write(
     tx: &Transaction<'_>,
@@ -90,7 +83,7 @@ pub(super) async fn write(
     delta: &AdmittedDelta,
 ) -> Result<(), StoreError> {
     if let Some(before) = delta.drop_before {
-        tx.execute(&drop_before_sql(), &[&node, &table, &time_of(before)])
+        tx.execute(&drop_before_sql(), &[&node, &table, &bucket_time(before)])
             .await
             .map_err(StoreError::db("drop old admitted keys"))?;
     }
@@ -98,7 +91,7 @@ pub(super) async fn write(
     if chunks.is_empty() {
         return Ok(());
     }
-    let buckets: Vec<SystemTime> = chunks.iter().map(|c| time_of(c.0)).collect();
+    let buckets: Vec<SystemTime> = chunks.iter().map(|c| bucket_time(c.0)).collect();
     let firsts: Vec<i64> = chunks.iter().map(|c| c.1[0] as i64).collect();
     let hashes: Vec<Vec<u8>> = chunks.iter().map(|c| encode_hashes(&c.1)).collect();
     tx.execute(&insert_sql(), &[&node, &table, &buckets, &firsts, &hashes])

@@ -8,13 +8,12 @@
 //! leading column), so a pass over a long backlog holds row locks briefly and never blocks a
 //! flush for long. The pass ends when a batch deletes fewer rows than the batch size.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 use crate::config::{Config, Rule};
 
+use super::rows::bucket_time;
 use super::schema::rule_table;
 use super::sql::quote;
 use super::StoreError;
@@ -67,14 +66,6 @@ impl Drop for RetentionStore {
     }
 }
 
-fn time_of(ms: i64) -> SystemTime {
-    if ms >= 0 {
-        UNIX_EPOCH + Duration::from_millis(ms as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
-    }
-}
-
 impl RetentionStore {
     pub async fn connect(config: &Config) -> Result<RetentionStore, StoreError> {
         let (client, task) = super::store::connect_client(&config.database_url).await?;
@@ -119,7 +110,7 @@ impl RetentionStore {
             .prepare(&delete_batch_sql(rule))
             .await
             .map_err(StoreError::db("retention: prepare delete"))?;
-        let cutoff = time_of(cutoff_ms);
+        let cutoff = bucket_time(cutoff_ms);
         let mut deleted = 0;
         loop {
             let n = self
@@ -144,7 +135,7 @@ mod tests {
     fn a_batch_is_chosen_by_the_primary_key_and_bound() {
         let rule = Rule::new(
             "ad_daily",
-            Duration::from_secs(86_400),
+            std::time::Duration::from_secs(86_400),
             &["ad", "cmp"],
             vec![Metric::new("n", MetricKind::Count)],
         );
@@ -153,7 +144,7 @@ mod tests {
             "DELETE FROM \"ad_daily\" WHERE (\"bucket\", \"ad\", \"cmp\") IN \
              (SELECT \"bucket\", \"ad\", \"cmp\" FROM \"ad_daily\" WHERE bucket < $1 LIMIT $2)"
         );
-        let rule = Rule::new("all", Duration::from_secs(60), &[], vec![]);
+        let rule = Rule::new("all", std::time::Duration::from_secs(60), &[], vec![]);
         assert!(delete_batch_sql(&rule).contains("WHERE (\"bucket\") IN (SELECT \"bucket\" FROM"));
     }
 }

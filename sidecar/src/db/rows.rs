@@ -12,7 +12,8 @@ use crate::config::{MetricKind, Rule};
 
 use super::SqlNumeric;
 
-fn bucket_time(ms: i64) -> SystemTime {
+/// A bucket start (ms since the epoch, maybe negative) as a `timestamptz` parameter.
+pub(super) fn bucket_time(ms: i64) -> SystemTime {
     if ms >= 0 {
         UNIX_EPOCH + Duration::from_millis(ms as u64)
     } else {
