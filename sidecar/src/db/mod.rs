@@ -6,6 +6,8 @@
 //! - `rows.rs`: a flush's rows, sorted, merged and bound a chunk at a time (pure);
 //! - `checkpoint.rs`: checkpoint entries and the flush's compare-and-swap (pure);
 //! - `error.rs`: [`StoreError`] and which errors are transient;
+//! - `citus.rs`: Citus' `distribute_by`: distributed rule tables, the coordinator-local
+//!   checkpoint, what `check` reports (SQL text and verdicts pure, plus the connection steps);
 //! - `tls.rs`: the rustls connector for `sslmode` (require, verify-ca, verify-full);
 //! - `store.rs`: the connection ([`Store`]) and `logtally check`'s inspection ([`check`]).
 //!
@@ -13,6 +15,7 @@
 //! the aggregates, and only from the positions this process committed last.
 
 mod checkpoint;
+mod citus;
 mod error;
 mod numeric;
 mod rows;
@@ -26,10 +29,11 @@ mod tls;
 #[cfg(test)]
 pub(crate) use checkpoint::{compare_checkpoint, CheckpointState};
 pub use checkpoint::{CheckpointEntry, FlushOutcome};
+pub use citus::{Placement, Verdict};
 pub use error::{server_message, ErrorClass, FailureLog, StoreError};
 pub use numeric::SqlNumeric;
 pub use rows::UpsertRows;
 pub use schema::{checkpoint_table, rule_table, ShapeDifference, TableMismatch};
 pub use sql::{create_sql, QUANTILES_SQL};
-pub use store::{check, Store, TableState};
+pub use store::{check, check_citus, Store, TableState};
 pub use tls::TlsError;
