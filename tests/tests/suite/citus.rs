@@ -134,12 +134,15 @@ fn cluster_with_edges(edges: usize) -> (TestCitus, Db, Vec<Pair>) {
     (cluster, db, pairs)
 }
 
+/// What the sidecar logs when a flush fails and its batch is kept for the retry.
+const FLUSH_FAILED: &str = "failed; the batch is kept and retried";
+
 /// How the sidecars fared: failed flushes, and retries that found their batch committed.
 fn retry_summary(pairs: &[Pair]) -> String {
     let log = pair_logs(pairs);
     format!(
         "{} flushes failed; {} retries found their batch committed",
-        log.matches("flush failed").count(),
+        log.matches(FLUSH_FAILED).count(),
         log.matches("had committed").count()
     )
 }
@@ -399,7 +402,7 @@ fn a_worker_restarted_mid_stream_sidecars_back_off_and_catch_up_exactly() {
         || {
             pairs
                 .iter()
-                .all(|p| p.sidecar.log_text().contains("flush failed"))
+                .all(|p| p.sidecar.log_text().contains(FLUSH_FAILED))
         },
     );
     // The outage lasts at least 8 s.
@@ -417,7 +420,7 @@ fn a_worker_restarted_mid_stream_sidecars_back_off_and_catch_up_exactly() {
     report_exits(exits, &pairs);
     for (i, p) in pairs.iter().enumerate() {
         let log = p.sidecar.log_text();
-        let errors = log.matches("flush failed").count();
+        let errors = log.matches(FLUSH_FAILED).count();
         // Backoff: attempts double their wait (0.1 s … 5 s), so an 8 s outage costs a
         // handful of attempts, not one per flush interval.
         assert!(
@@ -426,7 +429,7 @@ fn a_worker_restarted_mid_stream_sidecars_back_off_and_catch_up_exactly() {
         );
         let first_error = log
             .lines()
-            .find(|l| l.contains("flush failed"))
+            .find(|l| l.contains(FLUSH_FAILED))
             .unwrap_or_default();
         eprintln!("sidecar {i}: {errors} failed flushes; first: {first_error}");
     }
@@ -1937,14 +1940,20 @@ fn a_commit_whose_reply_is_lost_is_found_committed_on_citus() {
         std::thread::sleep(Duration::from_millis(400));
     }
     let all: Vec<Req> = reqs.iter().chain(&more).copied().collect();
-    wait_until(
-        Duration::from_secs(30),
-        "three cut COMMITs and their retries",
-        || {
-            cutter.cut.load(Ordering::SeqCst) == 3
-                && pairs[0].sidecar.log_text().matches("had committed").count() == 3
-        },
-    );
+    let settled = Instant::now() + Duration::from_secs(30);
+    loop {
+        let cut = cutter.cut.load(Ordering::SeqCst);
+        let found = pairs[0].sidecar.log_text().matches("had committed").count();
+        if cut == 3 && found == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < settled,
+            "{cut} COMMIT replies cut, {found} retries found their batch committed\n{}",
+            pairs[0].sidecar.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     wait_for_totals(&db, &expected(&all), Duration::from_secs(30), &|| {
         pair_logs(&pairs)
     });
