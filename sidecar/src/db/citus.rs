@@ -234,6 +234,9 @@ pub(super) async fn create_tables(
     config: &Config,
     missing: &[TableSpec],
 ) -> Result<(), StoreError> {
+    if !ddl_needed(client, config, missing).await? {
+        return Ok(());
+    }
     let tx = client
         .transaction()
         .await
@@ -282,6 +285,24 @@ pub(super) async fn create_tables(
     tx.commit()
         .await
         .map_err(StoreError::db("commit Citus DDL"))
+}
+
+/// Whether [`create_tables`] has anything to do (a restart usually has not: no DDL lock,
+/// no transaction).
+async fn ddl_needed(
+    client: &Client,
+    config: &Config,
+    missing: &[TableSpec],
+) -> Result<bool, StoreError> {
+    if !missing.is_empty() || placement(client, CHECKPOINT_TABLE).await? == Placement::Plain {
+        return Ok(true);
+    }
+    for d in &config.distribute_by {
+        if placement(client, &d.table).await? == Placement::Plain {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Per table, how it is held (`(table, description)`), and the warnings; an error for a
