@@ -1,9 +1,8 @@
 //! Citus (distributed PostgreSQL) for real: a coordinator and two workers on loopback
-//! ([`logtally_e2e::citus`]), real nginx with the module and today's sidecar binary. The
-//! tests create the tables the way `distribute_by` is to create them: the rule table by the
-//! sidecar's own DDL, then `create_distributed_table` on a `group_by` column; the checkpoint
-//! table by the sidecar's DDL, then `citus_add_local_table_to_metadata` (a coordinator-local
-//! Citus table: see docs/scaling.md for why). Truth is what the test sent.
+//! ([`logtally_e2e::citus`]), real nginx with the module and the real sidecar binary. The
+//! sidecars' rule has `distribute_by = "ad"`: they create the rule table distributed on `ad`
+//! and the checkpoint table coordinator-local themselves (`sidecar/src/db/citus.rs`; see
+//! docs/scaling.md for why coordinator-local). Truth is what the test sent.
 //!
 //! Citus is built by hand (`scripts/citus-build.sh`); where it is missing every test prints
 //! `SKIPPED: citus not installed (run scripts/citus-build.sh)` and returns. The tests start
