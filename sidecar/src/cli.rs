@@ -159,6 +159,15 @@ pub fn check(path: &Path, database: bool) -> anyhow::Result<()> {
         };
         writeln!(out, "table {table}: {state}")?;
     }
+    let (placements, warnings) = runtime()?
+        .block_on(db::check_citus(&config))
+        .with_context(|| format!("database {}", config::redact_url(&config.database_url)))?;
+    for (table, placement) in placements {
+        writeln!(out, "table {table}: {placement}")?;
+    }
+    for warning in warnings {
+        writeln!(out, "warning: {warning}")?;
+    }
     writeln!(out, "database OK")?;
     Ok(())
 }

@@ -122,9 +122,21 @@ pub fn sidecar_config(
     node: &str,
     listen: SocketAddr,
 ) -> String {
+    sidecar_config_with_rules(url, spool, dir, node, listen, RULE)
+}
+
+/// [`sidecar_config`] with other `[[rule]]`s than [`RULE`] (e.g. with `distribute_by`).
+pub fn sidecar_config_with_rules(
+    url: &str,
+    spool: &Path,
+    dir: &Path,
+    node: &str,
+    listen: SocketAddr,
+    rules: &str,
+) -> String {
     format!(
         "spool_dir = \"{spool}\"\ndatabase_url = \"{url}\"\nnode = \"{node}\"\n\
-         flush_interval = \"300ms\"\nlisten = \"{listen}\"\nbinlog = \"{binlog}\"\n{RULE}",
+         flush_interval = \"300ms\"\nlisten = \"{listen}\"\nbinlog = \"{binlog}\"\n{rules}",
         spool = spool.display(),
         binlog = dir.join("binlog").display(),
     )
@@ -141,11 +153,17 @@ pub struct Pair {
 impl Pair {
     /// Starts nginx with `workers` workers and a sidecar feeding the database at `url`.
     pub fn start(url: &str, node: &str, workers: usize) -> Pair {
+        Pair::start_with_rules(url, node, workers, RULE)
+    }
+
+    /// [`Pair::start`] with the sidecar running `rules` (aggregating [`NGINX_BODY`]'s fields).
+    pub fn start_with_rules(url: &str, node: &str, workers: usize, rules: &str) -> Pair {
         let nginx = TestNginx::start(NGINX_BODY, workers);
         let dir = tempfile::tempdir().unwrap();
         let listen = free_addr();
         let config = dir.path().join("logtally.toml");
-        let text = sidecar_config(url, &nginx.dir().join("spool"), dir.path(), node, listen);
+        let spool = nginx.dir().join("spool");
+        let text = sidecar_config_with_rules(url, &spool, dir.path(), node, listen, rules);
         std::fs::write(&config, text).unwrap();
         let sidecar = TestSidecar::start(&config, &dir.path().join("logtally.log"), listen);
         Pair {

@@ -78,6 +78,28 @@ pub struct Config {
     /// Tables of the rules with `show_keys = false`: the status page and `/status` do not
     /// show their keys (field values can be personal data).
     pub hide_keys: Vec<String>,
+    /// Rules with `distribute_by`: on a Citus coordinator their tables are distributed on
+    /// that `group_by` column (`db/citus.rs`); elsewhere a warning.
+    pub distribute_by: Vec<DistributeBy>,
+}
+
+/// One rule's `distribute_by = "<group_by column>"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistributeBy {
+    /// The rule's table.
+    pub table: String,
+    /// One of the rule's `group_by` columns.
+    pub column: String,
+}
+
+impl Config {
+    /// The column `table` is to be distributed on, if its rule says so.
+    pub fn distribute_by(&self, table: &str) -> Option<&str> {
+        self.distribute_by
+            .iter()
+            .find(|d| d.table == table)
+            .map(|d| d.column.as_str())
+    }
 }
 
 /// One `[[rule]]`: a table of aggregates.
@@ -212,6 +234,11 @@ pub enum Problem {
     BadOverflowLabel(String),
     #[error("retention {0:?} is shorter than the rule's bucket ({1})")]
     RetentionBelowBucket(String, String),
+    #[error(
+        "{0:?} is not one of this rule's group_by columns ({1}): a table is distributed on a \
+         column of its key"
+    )]
+    NotInGroupBy(String, String),
     #[error("database_url and database_url_file are both set (keep one)")]
     BothDatabaseUrls,
     #[error("{0:?} is not an absolute path")]
@@ -262,6 +289,8 @@ struct RawRule {
     max_keys: Option<i64>,
     overflow_label: Option<String>,
     retention: Option<String>,
+    /// Citus: the `group_by` column to distribute the table on.
+    distribute_by: Option<String>,
 }
 
 fn show_keys_default() -> bool {
@@ -343,6 +372,7 @@ fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.rule.len());
     let mut hide_keys = Vec::new();
     let mut limits = Vec::with_capacity(raw.rule.len());
+    let mut distribute_by = Vec::new();
     for (i, r) in raw.rule.into_iter().enumerate() {
         let key = |k: &str| format!("rule[{i}].{k}");
         check_identifier(&r.table).map_err(|p| invalid(&key("table"), p))?;
@@ -388,6 +418,19 @@ fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
         if !r.show_keys {
             hide_keys.push(r.table.clone());
         }
+        if let Some(column) = r.distribute_by {
+            if !r.group_by.contains(&column) {
+                let list = r.group_by.join(", ");
+                return Err(invalid(
+                    &key("distribute_by"),
+                    Problem::NotInGroupBy(column, list),
+                ));
+            }
+            distribute_by.push(DistributeBy {
+                table: r.table.clone(),
+                column,
+            });
+        }
         let filter = match &r.filter {
             Some(text) => Some(
                 condition::parse_condition(text)
@@ -424,6 +467,7 @@ fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
         rules,
         limits,
         hide_keys,
+        distribute_by,
     })
 }
 

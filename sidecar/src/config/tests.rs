@@ -424,3 +424,22 @@ fn the_environment_overrides_the_keys() {
         ("postgres://b@h/e", &DatabaseUrlSource::Env)
     );
 }
+
+#[test]
+fn distribute_by_names_a_group_by_column() {
+    let c = p(&format!("{RULE}distribute_by = \"ad\"\n")).unwrap();
+    assert_eq!(c.distribute_by("ad_events_1m"), Some("ad"));
+    assert_eq!(c.distribute_by("other"), None);
+    assert_eq!(p(RULE).unwrap().distribute_by, vec![]);
+    let e = err(&format!("{RULE}distribute_by = \"bucket\"\n"));
+    assert_eq!(
+        e,
+        "logtally.toml: rule[0].distribute_by: \"bucket\" is not one of this rule's group_by \
+         columns (ad, ev, cmp): a table is distributed on a column of its key"
+    );
+    let e = err(&format!("{RULE}distribute_by = \"rt\"\n"));
+    assert!(
+        e.starts_with("logtally.toml: rule[0].distribute_by: \"rt\""),
+        "{e}"
+    );
+}

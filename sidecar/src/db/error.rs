@@ -61,6 +61,10 @@ pub enum StoreError {
     },
     #[error("flush did not finish within {}s", .0.as_secs())]
     Timeout(Duration),
+    /// A Citus setup the sidecar cannot rely on (a worker's URL, a table distributed off
+    /// its key): see `citus.rs`.
+    #[error("citus: {0}")]
+    Citus(String),
     #[error("{context}: {}", server_message(.error))]
     Db {
         context: &'static str,
@@ -111,7 +115,7 @@ pub fn server_message(e: &tokio_postgres::Error) -> String {
 
 /// Whether the TLS handshake failed on the server's certificate (rustls' verdict, carried
 /// in the I/O error tokio-rustls returns).
-fn is_certificate_error(e: &tokio_postgres::Error) -> bool {
+pub(super) fn is_certificate_error(e: &tokio_postgres::Error) -> bool {
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
         let rustls_error = c.downcast_ref::<rustls::Error>().or_else(|| {
@@ -168,6 +172,7 @@ impl StoreError {
             | StoreError::Tls(_)
             | StoreError::Shape(_)
             | StoreError::MissingHll { .. }
+            | StoreError::Citus(_)
             | StoreError::CheckpointConflict { .. } => return ErrorClass::Fatal,
             // A certificate the roots do not vouch for: the operator's to fix.
             StoreError::Connect { error, .. } if is_certificate_error(error) => {

@@ -8,6 +8,8 @@
 //! - `retention.rs`: `retention`'s batched deletes under a try-lock;
 //! - `checkpoint.rs`: checkpoint entries and the flush's compare-and-swap (pure);
 //! - `error.rs`: [`StoreError`] and which errors are transient;
+//! - `citus.rs`: Citus' `distribute_by`: distributed rule tables, the coordinator-local
+//!   checkpoint, what `check` reports (SQL text and verdicts pure, plus the connection steps);
 //! - `tls.rs`: the rustls connector for `sslmode` (require, verify-ca, verify-full);
 //! - `store.rs`: the connection ([`Store`]) and `logtally check`'s inspection ([`check`]).
 //!
@@ -16,6 +18,7 @@
 
 mod admitted;
 mod checkpoint;
+mod citus;
 mod error;
 mod numeric;
 mod retention;
@@ -31,11 +34,12 @@ pub use admitted::{admitted_table, needs_admitted_table};
 #[cfg(test)]
 pub(crate) use checkpoint::{compare_checkpoint, CheckpointState};
 pub use checkpoint::{CheckpointEntry, FlushOutcome};
+pub use citus::{Placement, Verdict};
 pub use error::{server_message, ErrorClass, FailureLog, StoreError};
 pub use numeric::SqlNumeric;
 pub use retention::{delete_batch_sql, RetentionPass, RetentionStore, RETENTION_BATCH};
 pub use rows::UpsertRows;
 pub use schema::{checkpoint_table, rule_table, ShapeDifference, TableMismatch};
 pub use sql::{create_sql, QUANTILES_SQL};
-pub use store::{check, Store, TableState};
+pub use store::{check, check_citus, Store, TableState};
 pub use tls::TlsError;

@@ -18,6 +18,8 @@ use tokio_postgres::{Client, NoTls, Statement};
 use crate::config::{describe, parse_database_url, Config, MetricKind, Rule, TlsMode};
 
 use super::checkpoint::{compare_checkpoint, CheckpointEntry, CheckpointState, FlushOutcome};
+use super::citus;
+use super::error::is_certificate_error;
 use super::rows::{rule_params, UpsertRows, UPSERT_CHUNK};
 use super::schema::{
     all_tables, shape_differences, ActualColumn, ActualTable, TableMismatch, TableSpec,
@@ -51,8 +53,21 @@ pub(super) async fn connect_client(url: &str) -> Result<(Client, JoinHandle<()>)
             }
             _ => {
                 let tls = tls::connector(&settings)?;
-                let (client, connection) = cfg.connect(tls).await.map_err(failed)?;
-                (client, spawn_connection(connection))
+                match cfg.connect(tls).await {
+                    Ok((client, connection)) => (client, spawn_connection(connection)),
+                    // `prefer`, as libpq: a handshake that fails on the server's certificate
+                    // falls back to an unencrypted connection. Citus' own self-signed
+                    // certificate (made by CREATE EXTENSION citus) is X.509 v1, which rustls
+                    // cannot parse at all.
+                    Err(e) if settings.tls == TlsMode::Prefer && is_certificate_error(&e) => {
+                        tracing::warn!(target = %target, error = %server_message(&e),
+                            "sslmode=prefer: the TLS handshake failed on the server's \
+                             certificate; connecting without TLS");
+                        let (client, connection) = cfg.connect(NoTls).await.map_err(failed)?;
+                        (client, spawn_connection(connection))
+                    }
+                    Err(e) => return Err(failed(e)),
+                }
             }
         })
     };
@@ -143,6 +158,22 @@ pub async fn check(config: &Config) -> Result<Vec<(String, TableState)>, StoreEr
         .into_iter()
         .map(|(spec, state)| (spec.name, state))
         .collect())
+}
+
+/// `logtally check`'s Citus part: per table how Citus holds it (empty without Citus) and
+/// the warnings (`distribute_by` without Citus among them); an error for a worker's URL or
+/// a table distributed on a column outside its rule's key.
+pub async fn check_citus(
+    config: &Config,
+) -> Result<(Vec<(String, String)>, Vec<String>), StoreError> {
+    let (client, task) = connect_client(&config.database_url).await?;
+    let found = match citus::prepare(&client).await {
+        Ok(node) => citus::report(&client, config, node.as_ref()).await,
+        Err(e) => Err(e),
+    };
+    drop(client);
+    let _ = task.await;
+    found
 }
 
 /// The `table.column`s of `distinct(f)` metrics, comma-separated (empty: none).
@@ -265,7 +296,12 @@ impl Store {
             .filter(|(_, state)| *state == TableState::Missing)
             .map(|(spec, _)| spec)
             .collect();
-        for spec in &missing {
+        // Citus: the tables in their distributed form, in one transaction (citus.rs).
+        let citus = citus::prepare(&client).await?;
+        if citus.is_some() {
+            citus::create_tables(&mut client, config, &missing).await?;
+        }
+        for spec in missing.iter().filter(|_| citus.is_none()) {
             match client.batch_execute(&create_sql(spec)).await {
                 Ok(()) => tracing::info!(table = %spec.name, "created table"),
                 // Another sidecar created it at the same moment: fine, it is checked below.
@@ -285,6 +321,13 @@ impl Store {
         }
         if !missing.is_empty() {
             inspect(&client, config).await?;
+        }
+        let (placements, warnings) = citus::report(&client, config, citus.as_ref()).await?;
+        for (table, placement) in placements {
+            tracing::info!(table = %table, placement = %placement, "Citus placement");
+        }
+        for warning in warnings {
+            tracing::warn!("{warning}");
         }
         let mut upserts = Vec::with_capacity(config.rules.len());
         for rule in &config.rules {

@@ -1,16 +1,15 @@
 //! Citus (distributed PostgreSQL) for real: a coordinator and two workers on loopback
-//! ([`logtally_e2e::citus`]), real nginx with the module and today's sidecar binary. The
-//! tests create the tables the way `distribute_by` is to create them: the rule table by the
-//! sidecar's own DDL, then `create_distributed_table` on a `group_by` column; the checkpoint
-//! table by the sidecar's DDL, then `citus_add_local_table_to_metadata` (a coordinator-local
-//! Citus table: see docs/scaling.md for why). Truth is what the test sent.
+//! ([`logtally_e2e::citus`]), real nginx with the module and the real sidecar binary. The
+//! sidecars' rule has `distribute_by = "ad"`: they create the rule table distributed on `ad`
+//! and the checkpoint table coordinator-local themselves (`sidecar/src/db/citus.rs`; see
+//! docs/scaling.md for why coordinator-local). Truth is what the test sent.
 //!
 //! Citus is built by hand (`scripts/citus-build.sh`); where it is missing every test prints
 //! `SKIPPED: citus not installed (run scripts/citus-build.sh)` and returns. The tests start
 //! three PostgreSQL servers each: run them one at a time on a small machine
 //! (`cargo test --release -p logtally-e2e --test suite citus:: -- --test-threads 1`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -46,47 +45,54 @@ macro_rules! require_citus {
 /// The `group_by` column the tests distribute on.
 const DISTRIBUTE_BY: &str = "ad";
 
-/// The SQL `distribute_by` is to run when the sidecar starts on a Citus coordinator
-/// (docs/scaling.md): one transaction, serialized between sidecars by an advisory lock, that
-/// creates what is missing with the sidecar's own `CREATE TABLE`, distributes each rule
-/// table on `column` and makes the checkpoint table a coordinator-local Citus table, each
-/// only if Citus does not hold it yet. Run twice, or by two sidecars at once, it does the
-/// work once.
-fn distribute_by_sql(rules: &str, column: &str) -> String {
-    let config = logtally::config::parse(
-        Path::new("citus-test.toml"),
-        &format!("database_url = \"postgres://x@127.0.0.1/x\"\n{rules}"),
-    )
-    .unwrap();
-    let unless_held = |table: &str, call: String| {
-        format!(
-            "SELECT {call} WHERE NOT EXISTS (SELECT 1 FROM pg_dist_partition \
-             WHERE logicalrelid = '\"{table}\"'::regclass)"
-        )
-    };
-    let mut sql = vec![
-        "BEGIN".to_string(),
-        "SELECT pg_advisory_xact_lock(hashtextextended('logtally_ddl', 0))".to_string(),
-    ];
-    for rule in &config.rules {
-        sql.push(create_sql(&rule_table(rule)));
-        sql.push(unless_held(
-            &rule.table,
-            format!("create_distributed_table('\"{}\"', '{column}')", rule.table),
-        ));
-    }
-    sql.push(create_sql(&checkpoint_table()));
-    sql.push(unless_held(
-        "logtally_checkpoint",
-        "citus_add_local_table_to_metadata('\"logtally_checkpoint\"')".to_string(),
-    ));
-    sql.push("COMMIT".to_string());
-    sql.join(";\n")
+/// The edges' rule ([`RULE`]) with `distribute_by`: the sidecar distributes its table.
+fn citus_rule() -> String {
+    format!("{RULE}distribute_by = \"{DISTRIBUTE_BY}\"\n")
 }
 
-/// Creates the tables as `distribute_by` is to.
-fn create_tables(db: &Db, column: &str) {
-    db.execute(&distribute_by_sql(RULE, column));
+/// A configuration of node `node` on `url` with `rules`.
+fn store_config(url: &str, node: &str, rules: &str) -> logtally::config::Config {
+    logtally::config::parse(
+        Path::new("citus-test.toml"),
+        &format!("database_url = \"{url}\"\nnode = \"{node}\"\n{rules}"),
+    )
+    .unwrap()
+}
+
+/// Starts a sidecar's store (in process) on `url` with `rules`, as `logtally run` does at
+/// start: it creates and distributes the tables. Returns its error, if any.
+fn start_store(url: &str, rules: &str) -> Result<(), logtally::db::StoreError> {
+    let config = store_config(url, "starter", rules);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(logtally::db::Store::connect(&config))
+        .map(drop)
+}
+
+/// Waits until the sidecars have created the tables: the rule table distributed on
+/// [`DISTRIBUTE_BY`], the checkpoint coordinator-local.
+fn wait_for_distributed_tables(db: &Db, logs: &dyn Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rules = distribution(db, "ad_events_1m");
+        let checkpoint = distribution(db, "logtally_checkpoint");
+        if let (Some(r), Some(c)) = (&rules, &checkpoint) {
+            assert_eq!((r.method, r.column.as_deref()), ('h', Some(DISTRIBUTE_BY)));
+            assert_eq!(
+                (c.method, c.replication, c.column.as_deref()),
+                ('n', 's', None)
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tables not distributed by the sidecars: {rules:?} {checkpoint:?}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `count` requests over 300 ads × 3 event types (900 keys a minute, spread over the shards).
@@ -113,24 +119,29 @@ fn events_per_worker(db: &Db) -> BTreeMap<i32, i64> {
     .collect()
 }
 
-/// A cluster (coordinator + 2 workers) with the tables created as `distribute_by` is to
-/// create them, and `edges` nginx + sidecar pairs (nodes `edge-0`, …) feeding it.
+/// A cluster (coordinator + 2 workers) and `edges` nginx + sidecar pairs (nodes `edge-0`,
+/// …) feeding it, their rule with `distribute_by`: the sidecars, starting together, create
+/// and distribute the tables.
 fn cluster_with_edges(edges: usize) -> (TestCitus, Db, Vec<Pair>) {
     let cluster = TestCitus::start(2);
     let db = cluster.db();
-    create_tables(&db, DISTRIBUTE_BY);
-    let pairs = (0..edges)
-        .map(|i| Pair::start(&cluster.url(), &format!("edge-{i}"), 1))
+    let rules = citus_rule();
+    let pairs: Vec<Pair> = (0..edges)
+        .map(|i| Pair::start_with_rules(&cluster.url(), &format!("edge-{i}"), 1, &rules))
         .collect();
+    wait_for_distributed_tables(&db, &|| pair_logs(&pairs));
     (cluster, db, pairs)
 }
+
+/// What the sidecar logs when a flush fails and its batch is kept for the retry.
+const FLUSH_FAILED: &str = "failed; the batch is kept and retried";
 
 /// How the sidecars fared: failed flushes, and retries that found their batch committed.
 fn retry_summary(pairs: &[Pair]) -> String {
     let log = pair_logs(pairs);
     format!(
         "{} flushes failed; {} retries found their batch committed",
-        log.matches("flush failed").count(),
+        log.matches(FLUSH_FAILED).count(),
         log.matches("had committed").count()
     )
 }
@@ -200,7 +211,7 @@ fn cluster_starts_with_the_tables_distributed_and_a_worker_restarts() {
             i32::from(cluster.worker_port(1))
         ]
     );
-    create_tables(&db, DISTRIBUTE_BY);
+    start_store(&cluster.url(), &citus_rule()).unwrap();
     let rules = distribution(&db, "ad_events_1m").expect("ad_events_1m in Citus' metadata");
     assert_eq!((rules.method, rules.column.as_deref()), ('h', Some("ad")));
     let checkpoint = distribution(&db, "logtally_checkpoint").expect("checkpoint in metadata");
@@ -390,7 +401,7 @@ fn a_worker_restarted_mid_stream_sidecars_back_off_and_catch_up_exactly() {
         || {
             pairs
                 .iter()
-                .all(|p| p.sidecar.log_text().contains("flush failed"))
+                .all(|p| p.sidecar.log_text().contains(FLUSH_FAILED))
         },
     );
     // The outage lasts at least 8 s.
@@ -408,7 +419,7 @@ fn a_worker_restarted_mid_stream_sidecars_back_off_and_catch_up_exactly() {
     report_exits(exits, &pairs);
     for (i, p) in pairs.iter().enumerate() {
         let log = p.sidecar.log_text();
-        let errors = log.matches("flush failed").count();
+        let errors = log.matches(FLUSH_FAILED).count();
         // Backoff: attempts double their wait (0.1 s … 5 s), so an 8 s outage costs a
         // handful of attempts, not one per flush interval.
         assert!(
@@ -417,7 +428,7 @@ fn a_worker_restarted_mid_stream_sidecars_back_off_and_catch_up_exactly() {
         );
         let first_error = log
             .lines()
-            .find(|l| l.contains("flush failed"))
+            .find(|l| l.contains(FLUSH_FAILED))
             .unwrap_or_default();
         eprintln!("sidecar {i}: {errors} failed flushes; first: {first_error}");
     }
@@ -511,7 +522,7 @@ fn report_exits(exits: usize, pairs: &[Pair]) {
 }
 
 /// The three forms a checkpoint table can take on Citus, as SQL run after the sidecar's own
-/// `CREATE TABLE`.
+/// `CREATE TABLE` (the sidecar converts the plain one to coordinator-local at start).
 const CHECKPOINT_FORMS: [(&str, &str); 3] = [
     ("plain local table", ""),
     (
@@ -611,11 +622,24 @@ fn checkpoint_forms_two_phase_commit_and_the_compare_and_swap() {
         if !sql.is_empty() {
             db.execute(sql);
         }
-        db.execute("DELETE FROM pg_dist_transaction");
         let node = format!("facts-{}", form.split(' ').next().unwrap());
         rt.block_on(async {
             // Today's sidecar code: one flush of one key, i.e. one shard on one worker.
             let mut store = Store::connect(&config(&node, &url)).await.unwrap();
+            if form == "plain local table" {
+                // The sidecar makes a plain checkpoint table coordinator-local at start.
+                let local = query(
+                    &url,
+                    "SELECT partmethod::text, repmodel::text FROM \
+                    pg_dist_partition WHERE logicalrelid = 'logtally_checkpoint'::regclass",
+                )
+                .await;
+                let found: Vec<(String, String)> =
+                    local.iter().map(|r| (r.get(0), r.get(1))).collect();
+                assert_eq!(found, vec![("n".to_string(), "s".to_string())], "{form}");
+            }
+            // Only the flush's two-phase commits (not those of the sidecar's DDL at start).
+            query(&url, "DELETE FROM pg_dist_transaction").await;
             let pos = vec![position("s1", 100)];
             let none = HashMap::new();
             let outcome = store.flush(&one_row("7"), &pos, &none).await.unwrap();
@@ -1152,11 +1176,8 @@ fn bench_rows(first_ad: usize) -> Vec<logtally::aggregate::RuleRows> {
 
 impl BenchSidecar {
     async fn connect(url: &str, node: &str, index: usize) -> BenchSidecar {
-        let config = logtally::config::parse(
-            Path::new("citus-bench.toml"),
-            &format!("database_url = \"{url}\"\nnode = \"{node}\"\n{RULE}"),
-        )
-        .unwrap();
+        // The same rule everywhere: on one PostgreSQL `distribute_by` is only a warning.
+        let config = store_config(url, node, &citus_rule());
         let store = logtally::db::Store::connect(&config).await.unwrap();
         BenchSidecar {
             store,
@@ -1266,7 +1287,6 @@ fn bench_flush_throughput_one_postgres_vs_citus() {
     require_citus!();
     let pg = TestPostgres::start_private(&[]);
     let cluster = TestCitus::start(2);
-    create_tables(&cluster.db(), DISTRIBUTE_BY);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -1497,28 +1517,54 @@ table = "ad_events_1m"
 bucket = "1m"
 group_by = ["ad", "ev"]
 metrics = { events = "count", n_sum = "sum(n)", n_min = "min(n)", n_max = "max(n)" }
+distribute_by = "ad"
 
 [[rule]]
 table = "ad_daily"
 bucket = "1d"
 group_by = ["ad"]
 metrics = { events = "count" }
+distribute_by = "ad"
 "#;
 
+/// `logtally check` of `rules` against `url`: whether it passed, and what it printed.
+fn logtally_check(url: &str, rules: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("logtally.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "spool_dir = \"{}\"\ndatabase_url = \"{url}\"\nnode = \"check\"\n{rules}",
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(logtally_e2e::sidecar::logtally_bin())
+        .args(["check", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 #[test]
-fn the_distribute_by_sql_is_idempotent_race_free_and_co_locates_rollups() {
+fn distribute_by_creates_co_located_tables_once_and_check_reports_them() {
     require_citus!();
     let cluster = TestCitus::start(2);
     let db = cluster.db();
-    let sql = distribute_by_sql(TWO_RULES, "ad");
     // Two sidecars starting at the same moment, then one restarting.
     std::thread::scope(|s| {
         for _ in 0..2 {
-            let (url, sql) = (cluster.url(), &sql);
-            s.spawn(move || Db::connect(&url).execute(sql));
+            let url = cluster.url();
+            s.spawn(move || start_store(&url, TWO_RULES).unwrap());
         }
     });
-    db.execute(&sql);
+    start_store(&cluster.url(), TWO_RULES).unwrap();
     for table in ["ad_events_1m", "ad_daily"] {
         let d = distribution(&db, table).unwrap();
         assert_eq!(
@@ -1529,6 +1575,54 @@ fn the_distribute_by_sql_is_idempotent_race_free_and_co_locates_rollups() {
     }
     let c = distribution(&db, "logtally_checkpoint").unwrap();
     assert_eq!((c.method, c.replication, c.column), ('n', 's', None));
+    let (ok, out) = logtally_check(&cluster.url(), TWO_RULES);
+    assert!(ok, "{out}");
+    for line in [
+        "table ad_events_1m: distributed by ad (hash, 32 shards) (Citus 13.2",
+        "table ad_daily: distributed by ad (hash, 32 shards)",
+        "table logtally_checkpoint: coordinator-local (Citus)",
+    ] {
+        assert!(out.contains(line), "{line:?} not in:\n{out}");
+    }
+    assert!(!out.contains("warning:"), "{out}");
+
+    // A sidecar pointed at a worker is refused: the checkpoint lock would not be shared.
+    let worker = start_store(&cluster.worker_url(0), TWO_RULES).unwrap_err();
+    assert!(
+        worker.to_string().contains("points at a Citus worker") && !worker.is_retried(),
+        "{worker}"
+    );
+    let (ok, out) = logtally_check(&cluster.worker_url(0), TWO_RULES);
+    assert!(!ok && out.contains("points at a Citus worker"), "{out}");
+    // A table distributed on another key column than distribute_by works: a warning.
+    let ev_rule = TWO_RULES.replacen("distribute_by = \"ad\"", "distribute_by = \"ev\"", 1);
+    let (ok, out) = logtally_check(&cluster.url(), &ev_rule);
+    assert!(
+        ok && out.contains(
+            "warning: table ad_events_1m is distributed on \"ad\", not on \
+                            distribute_by = \"ev\""
+        ),
+        "{out}"
+    );
+    // A plain table already holding rows is not distributed behind the operator's back:
+    // a warning with the statements to run; ingest goes on.
+    db.execute(
+        "CREATE TABLE ad_hourly (bucket timestamptz NOT NULL, ad text NOT NULL, \
+         events int8 NOT NULL, PRIMARY KEY (bucket, ad)); \
+         INSERT INTO ad_hourly VALUES (now(), '1', 1)",
+    );
+    let hourly = "\n[[rule]]\ntable = \"ad_hourly\"\nbucket = \"1h\"\ngroup_by = [\"ad\"]\n\
+                  metrics = { events = \"count\" }\ndistribute_by = \"ad\"\n";
+    let three = format!("{TWO_RULES}{hourly}");
+    start_store(&cluster.url(), &three).unwrap();
+    assert_eq!(distribution(&db, "ad_hourly"), None);
+    let (ok, out) = logtally_check(&cluster.url(), &three);
+    assert!(
+        ok && out.contains("table ad_hourly: plain")
+            && out.contains("SELECT create_distributed_table('ad_hourly', 'ad')"),
+        "{out}"
+    );
+
     // Same column type, same shard count: one co-location group, so a rollup from the
     // minute table into the daily one runs shard by shard on the workers.
     let groups: i64 = db
@@ -1555,18 +1649,13 @@ fn the_distribute_by_sql_is_idempotent_race_free_and_co_locates_rollups() {
         "rollup not pushed down to the shards:\n{}",
         plan.join("\n")
     );
-    // Today's sidecar accepts the tables and flushes into both.
+    // One flush into both, one distributed transaction.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let url = cluster.url();
+    let config = store_config(&cluster.url(), "ddl", TWO_RULES);
     rt.block_on(async {
-        let config = logtally::config::parse(
-            Path::new("citus-ddl.toml"),
-            &format!("database_url = \"{url}\"\nnode = \"ddl\"\n{TWO_RULES}"),
-        )
-        .unwrap();
         let mut store = logtally::db::Store::connect(&config).await.unwrap();
         let mut rows = one_row("7");
         rows.push(logtally::aggregate::RuleRows {
@@ -1587,4 +1676,318 @@ fn the_distribute_by_sql_is_idempotent_race_free_and_co_locates_rollups() {
         .unwrap()[0]
         .get(0);
     assert_eq!(n, 2);
+}
+
+/// A rule with both sketch columns, distributed on `ad`.
+const SKETCH_RULE: &str = r#"
+[[rule]]
+table = "ad_sketch"
+bucket = "1d"
+group_by = ["ad"]
+metrics = { events = "count", reach = "distinct(uid)", rt = "quantiles(rt)" }
+distribute_by = "ad"
+"#;
+
+/// `(ad, uid, rt)` events: 40 ads, 5,000 users, response times 1 ms … 10 s, skewed.
+fn sketch_events(n: usize) -> Vec<(String, String, String)> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    (0..n)
+        .map(|_| {
+            let u: f64 = rng.gen_range(0.0..1.0);
+            (
+                format!("ad{}", rng.gen_range(0..40)),
+                format!("u{}", rng.gen_range(0..5000)),
+                format!("{:.3}", (u * 9.2).exp() / 1000.0),
+            )
+        })
+        .collect()
+}
+
+/// The rows one aggregator makes of `events` (as one sidecar's flush would carry them).
+fn sketch_rows(
+    config: &logtally::config::Config,
+    events: &[(String, String, String)],
+) -> Vec<logtally::aggregate::DrainedRows> {
+    use logtally_spool::{decode_frame, encode_event, Decoded, Frame};
+    let header: Vec<String> = ["ad", "uid", "rt"].iter().map(|s| s.to_string()).collect();
+    let mut agg = logtally::aggregate::Aggregator::new(&config.rules);
+    let day = 1_764_288_000_000u64;
+    for (i, (ad, uid, rt)) in events.iter().enumerate() {
+        let mut buf = Vec::new();
+        let values = [ad.as_bytes(), uid.as_bytes(), rt.as_bytes()];
+        encode_event(&mut buf, day + i as u64, values.iter().map(|v| Some(*v)));
+        let Decoded::Frame {
+            frame: Frame::Event(record),
+            ..
+        } = decode_frame(&buf)
+        else {
+            panic!("undecodable event");
+        };
+        agg.add_cached(1, &header, &record);
+    }
+    agg.drain_compact()
+}
+
+/// Per ad: events, the hll sketch's bytes, the quantile sketch's zero count, positive and
+/// negative buckets, and the sketch's total count.
+type SketchRow = (String, i64, Vec<u8>, String, i64);
+
+async fn sketch_table(url: &str) -> Vec<SketchRow> {
+    query(
+        url,
+        "SELECT ad, events, hll_send(reach), \
+         concat_ws(' ', (rt).zero, coalesce((rt).pos_keys, '{}'), coalesce((rt).pos_counts, '{}'), \
+                   coalesce((rt).neg_keys, '{}'), coalesce((rt).neg_counts, '{}')), \
+         ((rt).zero + coalesce((SELECT sum(c) FROM unnest((rt).pos_counts) c), 0) \
+                    + coalesce((SELECT sum(c) FROM unnest((rt).neg_counts) c), 0))::int8 \
+         FROM ad_sketch ORDER BY ad",
+    )
+    .await
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+    .collect()
+}
+
+#[test]
+fn sketch_columns_on_distributed_tables_equal_postgresqls_own() {
+    use logtally::db::Store;
+    use logtally_e2e::postgres::TestPostgres;
+    require_citus!();
+    let cluster = TestCitus::start(2);
+    let db = cluster.db();
+    // The operator's one step: hll on the coordinator (Citus creates it on the workers, the
+    // package being installed on each). The sidecar installs the quantile type and functions.
+    db.execute("CREATE EXTENSION hll");
+    let events = sketch_events(30_000);
+    let url = cluster.url();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Three sidecars start together, then each flushes two parts of the events.
+    let parts: Vec<&[(String, String, String)]> = events.chunks(5_000).collect();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for s in 0..3 {
+            let config = store_config(&url, &format!("sketch-{s}"), SKETCH_RULE);
+            let mine = [parts[s], parts[s + 3]];
+            let mine: Vec<Vec<_>> = mine.iter().map(|p| sketch_rows(&config, p)).collect();
+            tasks.push(tokio::spawn(async move {
+                let mut store = Store::connect(&config).await.unwrap();
+                let mut previous = HashMap::new();
+                for (i, rows) in mine.into_iter().enumerate() {
+                    let pos = vec![position("s1", i as u64 + 1)];
+                    store.flush(&rows, &pos, &previous).await.unwrap();
+                    previous = pos.into_iter().map(|p| (p.segment.clone(), p)).collect();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let d = distribution(&db, "ad_sketch").unwrap();
+    assert_eq!((d.method, d.column.as_deref()), ('h', Some("ad")));
+    // The type and the functions the sidecar installed are on every worker.
+    let on_workers = db
+        .query(
+            "SELECT result FROM run_command_on_workers($$SELECT \
+             to_regtype('logtally_quantiles') IS NOT NULL AND \
+             to_regprocedure('logtally_quantiles_add(logtally_quantiles, logtally_quantiles)') \
+             IS NOT NULL AND (SELECT count(*) FROM pg_extension WHERE extname = 'hll') = 1$$)",
+        )
+        .unwrap();
+    let on_workers: Vec<String> = on_workers.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        on_workers,
+        vec!["t", "t"],
+        "type, merge function and hll on each worker"
+    );
+
+    // The same events in one flush into one plain PostgreSQL, and a raw table there.
+    let pg = TestPostgres::start();
+    let plain_url = rt.block_on(pg.create_database_with_hll());
+    let plain = rt.block_on(async {
+        let config = store_config(&plain_url, "plain", SKETCH_RULE);
+        let rows = sketch_rows(&config, &events);
+        let mut store = Store::connect(&config).await.unwrap();
+        store
+            .flush(&rows, &[position("s1", 1)], &HashMap::new())
+            .await
+            .unwrap();
+        let c = query(&plain_url, "CREATE TABLE raw (ad text, uid text)").await;
+        assert!(c.is_empty());
+        let (client, conn) = tokio_postgres::connect(&plain_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let ads: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+        let uids: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+        client
+            .execute(
+                "INSERT INTO raw SELECT * FROM unnest($1::text[], $2::text[])",
+                &[&ads, &uids],
+            )
+            .await
+            .unwrap();
+        sketch_table(&plain_url).await
+    });
+    let distributed = rt.block_on(sketch_table(&url));
+    // Counts exact: what the test sent, per ad.
+    let mut want: BTreeMap<String, i64> = BTreeMap::new();
+    for e in &events {
+        *want.entry(e.0.clone()).or_default() += 1;
+    }
+    let got: BTreeMap<String, i64> = distributed.iter().map(|r| (r.0.clone(), r.1)).collect();
+    assert_eq!(got, want, "events per ad");
+    let quantile_counts: BTreeMap<String, i64> =
+        distributed.iter().map(|r| (r.0.clone(), r.4)).collect();
+    assert_eq!(
+        quantile_counts, want,
+        "values counted in each quantile sketch"
+    );
+    // Six flushes of three sidecars merged on the shards = one flush into one PostgreSQL.
+    assert_eq!(distributed, plain, "distributed rows = plain rows");
+    // And the hll sketch is PostgreSQL's own over the raw values, byte for byte.
+    let raw: Vec<(String, Vec<u8>)> = rt.block_on(async {
+        query(
+            &plain_url,
+            "SELECT ad, hll_send(hll_add_agg(hll_hash_text(uid))) FROM raw GROUP BY ad ORDER BY ad",
+        )
+        .await
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    });
+    let ours: Vec<(String, Vec<u8>)> = distributed
+        .iter()
+        .map(|r| (r.0.clone(), r.2.clone()))
+        .collect();
+    assert_eq!(ours, raw, "hll sketches = hll_add_agg(hll_hash_text(uid))");
+    // Quantiles and distinct counts read across shards: the same as on one PostgreSQL.
+    let read =
+        "SELECT round(logtally_quantile(logtally_quantiles_merge(rt), 0.99)::numeric, 9)::text, \
+                hll_cardinality(hll_union_agg(reach))::int8 FROM ad_sketch";
+    let across = |u: &str| -> (String, i64) {
+        let r = &rt.block_on(query(u, read))[0];
+        (r.get(0), r.get(1))
+    };
+    let (on_citus, on_plain) = (across(&url), across(&plain_url));
+    eprintln!(
+        "{} events, {} ads: p99 and distinct users on Citus {on_citus:?}, on one PostgreSQL {on_plain:?}",
+        events.len(),
+        want.len()
+    );
+    assert_eq!(on_citus, on_plain);
+}
+
+#[test]
+fn a_commit_whose_reply_is_lost_is_found_committed_on_citus() {
+    use crate::sidecar::CommitCutter;
+    require_citus!();
+    let cluster = TestCitus::start(2);
+    let db = cluster.db();
+    // Sidecar 0 talks to the coordinator through a proxy that lets 3 COMMITs (each a
+    // distributed two-phase commit) land and cuts the reply; sidecar 1 directly.
+    let cutter = CommitCutter::start(
+        SocketAddr::from(([127, 0, 0, 1], cluster.coordinator_port())),
+        3,
+    );
+    let direct = cluster.url();
+    let proxied = format!(
+        "{}&sslmode=disable",
+        direct.replace(
+            &format!("127.0.0.1:{}", cluster.coordinator_port()),
+            &cutter.addr.to_string()
+        )
+    );
+    assert_ne!(proxied, direct);
+    // The direct one first: it creates the tables, so the proxied one's start has no DDL
+    // transaction (whose COMMIT the proxy would cut: retried, idempotent, but not the case
+    // under test here).
+    let rules = citus_rule();
+    let first = Pair::start_with_rules(&direct, "edge-1", 1, &rules);
+    wait_for_distributed_tables(&db, &|| first.sidecar.log_text());
+    let pairs = vec![Pair::start_with_rules(&proxied, "edge-0", 1, &rules), first];
+    let reqs = workload(30_000, 41);
+    let sent = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for (i, p) in pairs.iter().enumerate() {
+            let (addr, sent, part) = (p.nginx.addr(), &sent, &reqs[i * 15_000..(i + 1) * 15_000]);
+            s.spawn(move || {
+                for chunk in part.chunks(1_000) {
+                    send(addr, chunk, 2, sent);
+                }
+            });
+        }
+    });
+    assert_eq!(sent.load(Ordering::Relaxed), reqs.len());
+    let waited = Instant::now();
+    wait_for_totals(&db, &expected(&reqs), Duration::from_secs(90), &|| {
+        format!("{}\n{}", pair_logs(&pairs), cluster.server_logs())
+    });
+    let load_done = waited.elapsed();
+    // More flushes come only with more events: send until the three cuts happened, then
+    // wait for the retries that find their batch committed.
+    let mut more = Vec::new();
+    let mut round = 0;
+    while cutter.cut.load(Ordering::SeqCst) < 3 && round < 60 {
+        let part = workload(500, 1_000 + round);
+        send(pairs[0].nginx.addr(), &part, 1, &sent);
+        more.extend(part);
+        round += 1;
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let all: Vec<Req> = reqs.iter().chain(&more).copied().collect();
+    let settled = Instant::now() + Duration::from_secs(30);
+    loop {
+        let cut = cutter.cut.load(Ordering::SeqCst);
+        let found = pairs[0].sidecar.log_text().matches("had committed").count();
+        if cut == 3 && found == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < settled,
+            "{cut} COMMIT replies cut, {found} retries found their batch committed\n{}",
+            pairs[0].sidecar.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for_totals(&db, &expected(&all), Duration::from_secs(30), &|| {
+        pair_logs(&pairs)
+    });
+    eprintln!(
+        "{} requests; {} COMMIT replies cut; {}; exact {:.1} s after the first load",
+        all.len(),
+        cutter.cut.load(Ordering::SeqCst),
+        retry_summary(&pairs),
+        load_done.as_secs_f64()
+    );
+    for p in pairs {
+        assert!(p.sidecar.terminate().success());
+    }
+}
+
+/// Runs without Citus (and in CI): on one PostgreSQL `distribute_by` is a warning at start
+/// and in `check`, and ingest goes on.
+#[test]
+fn distribute_by_without_citus_is_a_warning_and_ingest_goes_on() {
+    use logtally_e2e::postgres::TestPostgres;
+    let pg = TestPostgres::start();
+    let db = Db::create(&pg);
+    let pair = Pair::start_with_rules(db.url(), "edge-0", 1, &citus_rule());
+    let reqs = workload(2_000, 3);
+    let sent = AtomicUsize::new(0);
+    send(pair.nginx.addr(), &reqs, 2, &sent);
+    wait_for_totals(&db, &expected(&reqs), Duration::from_secs(60), &|| {
+        pair.sidecar.log_text()
+    });
+    let warning = "rule table ad_events_1m: distribute_by = \"ad\" ignored: the citus extension \
+                   is not installed in this database; the table stays a plain table";
+    let log = pair.sidecar.log_text();
+    assert!(log.contains(warning), "{log}");
+    let (ok, out) = logtally_check(db.url(), &citus_rule());
+    assert!(ok && out.contains(&format!("warning: {warning}")), "{out}");
+    assert!(pair.sidecar.terminate().success());
 }

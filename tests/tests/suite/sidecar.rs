@@ -560,14 +560,14 @@ fn connections_killed_mid_transaction_count_nothing_twice() {
 /// A TCP proxy in front of PostgreSQL that, while `drops` is positive, passes a client's
 /// `COMMIT` on to the server, lets the server finish it, then cuts the connection before the
 /// reply gets back: the client cannot know whether its transaction committed.
-struct CommitCutter {
-    addr: SocketAddr,
-    drops: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+pub(crate) struct CommitCutter {
+    pub(crate) addr: SocketAddr,
+    pub(crate) drops: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub(crate) cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl CommitCutter {
-    fn start(upstream: SocketAddr, drops: usize) -> CommitCutter {
+    pub(crate) fn start(upstream: SocketAddr, drops: usize) -> CommitCutter {
         use std::sync::atomic::AtomicUsize;
         use std::sync::Arc;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
