@@ -385,7 +385,8 @@ impl Store {
             .query(&checkpoint_load_sql(), &[&self.node])
             .await
             .map_err(StoreError::db("load checkpoint"))?;
-        tx.commit()
+        // Nothing was written: end it with ROLLBACK (which also lets the lock go).
+        tx.rollback()
             .await
             .map_err(StoreError::db("load checkpoint"))?;
         Ok(rows
