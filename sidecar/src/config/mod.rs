@@ -23,6 +23,7 @@
 pub mod condition;
 mod database_url;
 mod duration;
+pub mod fields;
 mod metric;
 mod names;
 mod size;
@@ -415,51 +416,6 @@ fn column_clash(name: &str) -> Problem {
     } else {
         Problem::DuplicateColumn(name.to_string())
     }
-}
-
-/// Every field a rule reads that no segment declares: one error per key (`rule[i].group_by[j]`,
-/// `rule[i].metrics.<column>`), in file order. `declared` is the union of the field lists of
-/// the segment headers in `config.spool_dir`; with no segment there is nothing to compare
-/// with, so callers skip this check rather than pass an empty list.
-pub fn fields_not_in_spool(config: &Config, declared: &[String]) -> Vec<ConfigError> {
-    let known = |f: &str| declared.iter().any(|d| d == f);
-    let listed = declared.join(", ");
-    let mut errors = Vec::new();
-    for (i, rule) in config.rules.iter().enumerate() {
-        let group_by = rule
-            .group_by
-            .iter()
-            .enumerate()
-            .map(|(j, f)| (format!("rule[{i}].group_by[{j}]"), f.as_str()));
-        let metrics = rule.metrics.iter().flat_map(|m| {
-            let key = format!("rule[{i}].metrics.{}", m.column);
-            let filter = m.filter.iter().flat_map(Condition::fields);
-            m.kind
-                .field()
-                .into_iter()
-                .chain(filter)
-                .map(move |f| (key.clone(), f))
-        });
-        let filter = rule
-            .filter
-            .iter()
-            .flat_map(Condition::fields)
-            .map(|f| (format!("rule[{i}].where"), f));
-        for (key, field) in group_by.chain(metrics).chain(filter) {
-            if !known(field) {
-                errors.push(ConfigError::Invalid {
-                    path: config.path.display().to_string(),
-                    key,
-                    problem: Problem::NotInSpool {
-                        field: field.to_string(),
-                        dir: config.spool_dir.display().to_string(),
-                        declared: listed.clone(),
-                    },
-                });
-            }
-        }
-    }
-    errors
 }
 
 /// The machine's hostname: the kernel's, else `/etc/hostname`, else the `hostname` command.

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub rows_upserted: IntCounterVec,
     /// Field values a sum/min/max could not parse as a decimal (labels `rule`, `metric`).
     pub bad_values: IntCounterVec,
+    /// Segments whose header lacks a field a rule reads (labels `rule`, `field`).
+    pub missing_field_segments: IntCounterVec,
     /// Database operations that failed (connect, query, commit).
     pub database_errors: IntCounter,
     /// Bytes in the spool not yet committed (sum over segments of size − committed offset).
@@ -158,6 +160,14 @@ impl Metrics {
             &["rule", "metric"],
         )?;
         registry.register(Box::new(bad_values.clone()))?;
+        let missing_field_segments = IntCounterVec::new(
+            Opts::new(
+                "logtally_missing_field_segments_total",
+                "Spool segments whose header lacks a field the rule reads (read as absent).",
+            ),
+            &["rule", "field"],
+        )?;
+        registry.register(Box::new(missing_field_segments.clone()))?;
         let database_errors = counter(
             "logtally_database_errors_total",
             "Failed database operations.",
@@ -246,6 +256,7 @@ impl Metrics {
             flush_duration,
             rows_upserted,
             bad_values,
+            missing_field_segments,
             database_errors,
             lag_bytes,
             lag_seconds,
@@ -339,6 +350,12 @@ impl Metrics {
     }
 
     /// Counts unparsable values of one metric column of one rule.
+    pub fn add_missing_field_segment(&self, table: &str, field: &str) {
+        self.missing_field_segments
+            .with_label_values(&[table, field])
+            .inc();
+    }
+
     pub fn add_bad_values(&self, table: &str, column: &str, n: u64) {
         self.bad_values
             .with_label_values(&[table, column])

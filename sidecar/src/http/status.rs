@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::aggregate::{RuleTop, TopKey};
 use crate::config::{Config, MetricKind, Rule};
 use crate::db::{ErrorClass, StoreError};
+use crate::run::missing_fields::MissingFieldStatus;
 use crate::spool::tail::{self, Position};
 
 /// Everything `/status` reports. The run loop owns the truth and copies it here as it
@@ -54,6 +55,8 @@ pub struct Status {
     pub recent_flushes: VecDeque<FlushStatus>,
     /// Per rule (same order as `rules`): the current bucket's largest keys so far.
     pub top_keys: Vec<RuleTopStatus>,
+    /// Per (rule, field), the latest segment whose header lacks a field the rule reads.
+    pub missing_fields: Vec<MissingFieldStatus>,
     /// The previous events sample (time ms, count), for the rate.
     #[serde(skip)]
     events_sampled: Option<(u64, u64)>,
@@ -201,6 +204,7 @@ impl Status {
                     keys: Vec::new(),
                 })
                 .collect(),
+            missing_fields: Vec::new(),
             events_sampled: None,
         }
     }

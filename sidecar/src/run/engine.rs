@@ -386,6 +386,7 @@ impl<D: Database> Engine<D> {
             s.module_dropped_events = view.dropped_events;
             s.set_top_keys(&view.top_keys);
             s.pending_bytes = view.pending_bytes;
+            s.missing_fields.clone_from(&view.missing_fields);
             self.metrics.lag_bytes.set(s.lag_bytes as i64);
             self.metrics.lag_seconds.set(s.lag_seconds);
         });

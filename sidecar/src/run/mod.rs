@@ -13,6 +13,7 @@
 //!   database on PostgreSQL.
 
 mod engine;
+pub mod missing_fields;
 mod reader;
 
 use std::collections::HashMap;

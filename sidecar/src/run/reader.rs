@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{oneshot, Notify};
 use tracing::{error, warn};
 
+use super::missing_fields::{MissingFieldStatus, MissingFields};
 use super::DaemonError;
 use crate::aggregate::{Aggregator, DrainedRows, RuleTop, TopKeys};
 use crate::config::Config;
@@ -79,6 +80,8 @@ pub(crate) struct ReaderView {
     pub open_segments: usize,
     /// Bytes the reader consumed so far (grows while there is something to read).
     pub bytes_read: u64,
+    /// Per (rule, field), the latest segment whose header lacks it.
+    pub missing_fields: Vec<MissingFieldStatus>,
 }
 
 impl ReaderView {
@@ -105,6 +108,7 @@ struct Reader {
     top_keys: TopKeys,
     /// When the top keys were last computed (`None`: at the next publish).
     top_keys_at: Option<Instant>,
+    missing_fields: MissingFields,
 }
 
 impl Reader {
@@ -145,10 +149,13 @@ impl Reader {
             aggregator,
             oldest_ms,
             torn_discarded,
+            missing_fields,
+            config,
+            metrics,
             ..
         } = self;
         // Near the key bound, read in small steps so the bound is not overshot by much.
-        let budget = if aggregator.pending_keys() >= self.config.max_pending_keys / 2 {
+        let budget = if aggregator.pending_keys() >= config.max_pending_keys / 2 {
             SMALL_POLL_BUDGET
         } else {
             POLL_BUDGET
@@ -157,7 +164,15 @@ impl Reader {
             SegmentEvent::Record {
                 segment, record, ..
             } => {
-                aggregator.add_cached(segment.id, &segment.header.fields, &record);
+                let fields = &segment.header.fields;
+                let now = crate::now_ms();
+                for n in missing_fields.look(config, segment.id, segment.name, fields, now) {
+                    warn!(rule = %n.rule, field = %n.field, segment = %n.segment,
+                        "segment header lacks a field the rule reads (nginx reloaded without \
+                         its logtally_field?): its events read it as absent");
+                    metrics.add_missing_field_segment(&n.rule, &n.field);
+                }
+                aggregator.add_cached(segment.id, fields, &record);
                 let t = record.time_ms;
                 match oldest_ms.get_mut(segment.name) {
                     Some(o) => *o = (*o).min(t),
@@ -233,6 +248,9 @@ impl Reader {
         }
         view.open_segments = self.tailer.segments_open();
         view.bytes_read = s.bytes;
+        if view.missing_fields.as_slice() != self.missing_fields.entries() {
+            view.missing_fields = self.missing_fields.entries().to_vec();
+        }
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -254,6 +272,7 @@ impl Reader {
                 let removed =
                     self.tailer
                         .remove_finished(&positions, SystemTime::now(), self.config.retain);
+                self.missing_fields.forget(&removed);
                 self.publish();
                 let _ = reply.send(removed);
             }
@@ -297,6 +316,7 @@ impl ReaderHandle {
             stopped: false,
             top_keys,
             top_keys_at: None,
+            missing_fields: MissingFields::default(),
         };
         let thread = std::thread::Builder::new()
             .name("logtally-reader".into())
