@@ -30,18 +30,30 @@ pub fn field_uses(config: &Config) -> Vec<FieldUse<'_>> {
     for (i, rule) in config.rules.iter().enumerate() {
         for (j, field) in rule.group_by.iter().enumerate() {
             let key = format!("rule[{i}].group_by[{j}]");
-            uses.push(FieldUse { rule: i, key, field });
+            uses.push(FieldUse {
+                rule: i,
+                key,
+                field,
+            });
         }
         for m in &rule.metrics {
             let filter = m.filter.iter().flat_map(Condition::fields);
             for field in m.kind.field().into_iter().chain(filter) {
                 let key = format!("rule[{i}].metrics.{}", m.column);
-                uses.push(FieldUse { rule: i, key, field });
+                uses.push(FieldUse {
+                    rule: i,
+                    key,
+                    field,
+                });
             }
         }
         for field in rule.filter.iter().flat_map(Condition::fields) {
             let key = format!("rule[{i}].where");
-            uses.push(FieldUse { rule: i, key, field });
+            uses.push(FieldUse {
+                rule: i,
+                key,
+                field,
+            });
         }
     }
     uses
@@ -199,8 +211,10 @@ mod tests {
     #[test]
     fn uses_cover_group_by_metrics_and_conditions() {
         let c = parse(Path::new("l.toml"), CONFIG).unwrap();
-        let uses: Vec<(String, &str)> =
-            field_uses(&c).into_iter().map(|u| (u.key, u.field)).collect();
+        let uses: Vec<(String, &str)> = field_uses(&c)
+            .into_iter()
+            .map(|u| (u.key, u.field))
+            .collect();
         assert_eq!(
             uses,
             [

@@ -7,6 +7,7 @@
 mod citus;
 mod e2e;
 mod exactly_once;
+mod fields;
 mod module;
 mod observability;
 mod operator;
