@@ -8,6 +8,7 @@ mod citus;
 mod e2e;
 mod exactly_once;
 mod fields;
+mod lists;
 mod module;
 mod observability;
 mod operator;
