@@ -169,8 +169,12 @@ pub fn check(path: &Path, database: bool) -> anyhow::Result<()> {
         .with_context(|| format!("database {}", config::redact_url(&config.database_url)))?;
     for (table, state) in tables {
         let state = match state {
-            db::TableState::Ok => "ok",
-            db::TableState::Missing => "missing (run creates it)",
+            db::TableState::Ok => "ok".to_string(),
+            db::TableState::Missing => "missing (run creates it)".into(),
+            db::TableState::Migrate(statements) => format!(
+                "lacks columns; run adds them (auto_migrate = true): {}",
+                statements.join("; ")
+            ),
         };
         writeln!(out, "table {table}: {state}")?;
     }

@@ -14,6 +14,7 @@
 
 mod checkpoint;
 mod error;
+mod migrate;
 mod numeric;
 mod rows;
 mod schema;
