@@ -38,7 +38,7 @@ pub enum StoreError {
     /// TLS settings that cannot be used (a root file that cannot be read).
     #[error("database_url: {0}")]
     Tls(#[from] super::TlsError),
-    #[error("existing tables do not match the configuration (fix or drop them): {}", join_mismatches(.0))]
+    #[error("existing tables do not match the configuration (fix or drop them; auto_migrate only adds the columns of metrics a rule gained): {}", join_mismatches(.0))]
     Shape(Vec<TableMismatch>),
     /// Tables that only lack columns the rules gained: `statements` make them match.
     #[error(

@@ -79,11 +79,9 @@ pub(super) async fn apply(
         .transaction()
         .await
         .map_err(StoreError::db("auto_migrate"))?;
-    tx.batch_execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended('logtally:auto_migrate', 0))",
-    )
-    .await
-    .map_err(StoreError::db("auto_migrate: lock"))?;
+    tx.batch_execute("SELECT pg_advisory_xact_lock(hashtextextended('logtally:auto_migrate', 0))")
+        .await
+        .map_err(StoreError::db("auto_migrate: lock"))?;
     for statement in statements {
         tx.batch_execute(statement)
             .await
@@ -122,7 +120,10 @@ mod tests {
     }
 
     fn rule(group_by: &[&str], metrics: &[(&str, MetricKind)]) -> Rule {
-        let metrics = metrics.iter().map(|(c, k)| Metric::new(c, k.clone())).collect();
+        let metrics = metrics
+            .iter()
+            .map(|(c, k)| Metric::new(c, k.clone()))
+            .collect();
         Rule::new("t", Duration::from_secs(60), group_by, metrics)
     }
 
@@ -174,7 +175,10 @@ mod tests {
         let Migration::Refused(why) = plan(&spec, &d) else {
             panic!("a removed column was migrated");
         };
-        assert!(why[0].contains("column b (numeric) is not in the configuration"), "{why:?}");
+        assert!(
+            why[0].contains("column b (numeric) is not in the configuration"),
+            "{why:?}"
+        );
         assert!(why[0].contains("never automatic"), "{why:?}");
         // A retyped metric (sum → min makes it nullable).
         let after = rule(

@@ -18,6 +18,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 use crate::config::{describe, parse_database_url, Config, MetricKind, Rule, TlsMode};
 
 use super::checkpoint::{compare_checkpoint, CheckpointEntry, CheckpointState, FlushOutcome};
+use super::migrate::{self, Migration};
 use super::rows::{rule_params, UpsertRows, UPSERT_CHUNK};
 use super::schema::{
     all_tables, shape_differences, ActualColumn, ActualTable, TableMismatch, TableSpec,
@@ -26,7 +27,6 @@ use super::sql::{
     checkpoint_delete_finished_sql, checkpoint_load_sql, checkpoint_lock_sql, checkpoint_read_sql,
     checkpoint_upsert_sql, create_sql, install_lock_sql, quote, upsert_sql, QUANTILES_SQL,
 };
-use super::migrate::{self, Migration};
 use super::{server_message, tls, StoreError};
 
 /// How long a connection attempt may take before it counts as failed.

@@ -14,6 +14,7 @@
 mod aggregates;
 mod cli;
 mod daemon;
+mod migrate;
 mod sketches;
 mod store;
 mod store_bench;
