@@ -58,6 +58,8 @@ pub struct Metrics {
     pub lag_seconds: Gauge,
     /// Aggregate keys held in memory, all rules together.
     pub pending_keys: IntGauge,
+    /// Estimated bytes of the pending aggregates, sketches included.
+    pub pending_bytes: IntGauge,
     /// Spool segments the reader currently tracks.
     pub segments_open: IntGauge,
     /// Sealed, fully committed segments removed from the spool.
@@ -185,6 +187,10 @@ impl Metrics {
             "logtally_pending_keys",
             "Aggregate keys held in memory, all rules.",
         )?;
+        let pending_bytes = int_gauge(
+            "logtally_pending_bytes",
+            "Estimated bytes of the aggregates held in memory (sketches included), all rules.",
+        )?;
         let segments_open = int_gauge(
             "logtally_segments_open",
             "Spool segments the reader is tracking.",
@@ -261,6 +267,7 @@ impl Metrics {
             lag_bytes,
             lag_seconds,
             pending_keys,
+            pending_bytes,
             segments_open,
             segments_deleted,
             binlog_writes,

@@ -51,6 +51,10 @@ pub struct Status {
     pub decode_errors: u64,
     /// Approximate memory the pending aggregates hold, bytes.
     pub pending_bytes: u64,
+    /// The bounds on pending state (`max_pending_keys`, `max_pending_memory`): reading
+    /// pauses at whichever is reached first.
+    pub max_pending_keys: u64,
+    pub max_pending_bytes: u64,
     /// The last [`RECENT_FLUSHES`] flush attempts, oldest first.
     pub recent_flushes: VecDeque<FlushStatus>,
     /// Per rule (same order as `rules`): the current bucket's largest keys so far.
@@ -189,6 +193,8 @@ impl Status {
             events_per_second: VecDeque::new(),
             decode_errors: 0,
             pending_bytes: 0,
+            max_pending_keys: crate::config::DEFAULT_MAX_PENDING_KEYS as u64,
+            max_pending_bytes: crate::config::DEFAULT_MAX_PENDING_MEMORY,
             recent_flushes: VecDeque::new(),
             top_keys: rules
                 .iter()
@@ -220,6 +226,8 @@ impl Status {
         for top in &mut status.top_keys {
             top.shown = !config.hide_keys.contains(&top.table);
         }
+        status.max_pending_keys = config.max_pending_keys as u64;
+        status.max_pending_bytes = config.max_pending_memory;
         status
     }
 

@@ -18,6 +18,7 @@ use tokio::sync::{oneshot, Notify};
 use tracing::{error, warn};
 
 use super::missing_fields::{MissingFieldStatus, MissingFields};
+use super::pending_limit::PendingLimit;
 use super::DaemonError;
 use crate::aggregate::{Aggregator, DrainedRows, RuleTop, TopKeys};
 use crate::config::Config;
@@ -123,7 +124,11 @@ impl Reader {
                     Err(std_mpsc::TryRecvError::Disconnected) => return,
                 }
             }
-            let full = self.aggregator.pending_keys() >= self.config.max_pending_keys;
+            let (keys, bytes) = (
+                self.aggregator.pending_keys(),
+                self.aggregator.pending_bytes(),
+            );
+            let full = PendingLimit::of(&self.config).full(keys, bytes);
             let more = if self.stopped || full {
                 if full {
                     self.full.notify_one();
@@ -155,11 +160,9 @@ impl Reader {
             ..
         } = self;
         // Near the key bound, read in small steps so the bound is not overshot by much.
-        let budget = if aggregator.pending_keys() >= config.max_pending_keys / 2 {
-            SMALL_POLL_BUDGET
-        } else {
-            POLL_BUDGET
-        };
+        let near =
+            PendingLimit::of(config).near(aggregator.pending_keys(), aggregator.pending_bytes());
+        let budget = if near { SMALL_POLL_BUDGET } else { POLL_BUDGET };
         let result = tailer.poll(budget, &mut |event| match event {
             SegmentEvent::Record {
                 segment, record, ..
@@ -209,6 +212,8 @@ impl Reader {
             .inc_by(s.truncated_segments - self.reported.truncated_segments);
         m.segments_open.set(self.tailer.segments_open() as i64);
         m.pending_keys.set(self.aggregator.pending_keys() as i64);
+        let pending_bytes = self.aggregator.pending_bytes();
+        m.pending_bytes.set(pending_bytes as i64);
         self.reported = s;
         self.torn_discarded = 0;
         let bad = self.aggregator.bad_values();
@@ -244,8 +249,8 @@ impl Reader {
         view.dropped_events = s.dropped_events;
         if let Some(top) = top {
             view.top_keys = top;
-            view.pending_bytes = self.aggregator.pending_bytes();
         }
+        view.pending_bytes = pending_bytes;
         view.open_segments = self.tailer.segments_open();
         view.bytes_read = s.bytes;
         if view.missing_fields.as_slice() != self.missing_fields.entries() {
