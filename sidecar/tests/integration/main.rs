@@ -15,6 +15,7 @@ mod aggregates;
 mod cli;
 mod daemon;
 mod migrate;
+mod pending_memory;
 mod sketches;
 mod store;
 mod store_bench;
