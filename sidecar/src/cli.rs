@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use logtally::config::fields::Severity;
 use logtally::spool::dump;
 use logtally::{config, db, run};
 
@@ -74,11 +75,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run_daemon(path: &Path) -> anyhow::Result<()> {
     let config = config::load(path)?;
-    // Not fatal here: nginx may be about to be reloaded with the missing `logtally_field`.
+    // Classified as `check` does; not fatal here: nginx may be about to be reloaded with the
+    // missing `logtally_field` (the reader reports each segment that lacks it).
     if let Ok(spool) = spool_fields(&config.spool_dir) {
-        if spool.segments > 0 {
-            for error in config::fields_not_in_spool(&config, &spool.fields) {
-                tracing::warn!(key = error.key(), "{error}");
+        let path = config.path.display();
+        for finding in config::fields::classify(&config, &spool.headers) {
+            match finding.severity {
+                Severity::Error => tracing::error!(key = finding.key, "{path}: {finding}"),
+                Severity::Warning => tracing::warn!(key = finding.key, "{path}: {finding}"),
             }
         }
     }
@@ -127,20 +131,28 @@ pub fn check(path: &Path, database: bool) -> anyhow::Result<()> {
             out,
             "note: cannot read spool_dir {dir} ({error}): {not_checked}"
         )?,
-        Ok(spool) if spool.segments == 0 => writeln!(
+        Ok(spool) if spool.headers.is_empty() => writeln!(
             out,
             "note: no segment with a readable header in {dir} yet: {not_checked}"
         )?,
         Ok(spool) => {
-            let errors = config::fields_not_in_spool(&config, &spool.fields);
+            let findings = config::fields::classify(&config, &spool.headers);
+            let path = config.path.display();
+            let lines = |severity| {
+                let of = findings.iter().filter(move |f| f.severity == severity);
+                of.map(|f| format!("{path}: {f}")).collect::<Vec<_>>()
+            };
+            let errors = lines(Severity::Error);
             if !errors.is_empty() {
-                let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-                anyhow::bail!("{}", lines.join("\n"));
+                anyhow::bail!("{}", errors.join("\n"));
+            }
+            for warning in lines(Severity::Warning) {
+                writeln!(out, "warning: {warning}")?;
             }
             writeln!(
                 out,
                 "fields        found in {} segment(s) in {dir} ({})",
-                spool.segments,
+                spool.headers.len(),
                 spool.fields.join(", ")
             )?;
         }
@@ -154,8 +166,12 @@ pub fn check(path: &Path, database: bool) -> anyhow::Result<()> {
         .with_context(|| format!("database {}", config::redact_url(&config.database_url)))?;
     for (table, state) in tables {
         let state = match state {
-            db::TableState::Ok => "ok",
-            db::TableState::Missing => "missing (run creates it)",
+            db::TableState::Ok => "ok".to_string(),
+            db::TableState::Missing => "missing (run creates it)".into(),
+            db::TableState::Migrate(statements) => format!(
+                "lacks columns; run adds them (auto_migrate = true): {}",
+                statements.join("; ")
+            ),
         };
         writeln!(out, "table {table}: {state}")?;
     }
@@ -197,8 +213,8 @@ fn check_node(config: &mut config::Config) -> anyhow::Result<String> {
 
 /// What the spool's segment headers declare.
 struct SpoolFields {
-    /// Segments whose header could be read.
-    segments: usize,
+    /// Per segment whose header could be read (name order): its name and fields.
+    headers: Vec<(String, Vec<String>)>,
     /// Union of their field names, first seen first (segments in name order).
     fields: Vec<String>,
 }
@@ -214,7 +230,7 @@ fn spool_fields(dir: &Path) -> io::Result<SpoolFields> {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Ok(SpoolFields {
-                segments: 0,
+                headers: Vec::new(),
                 fields: Vec::new(),
             })
         }
@@ -226,7 +242,7 @@ fn spool_fields(dir: &Path) -> io::Result<SpoolFields> {
         .collect();
     names.sort();
     let mut spool = SpoolFields {
-        segments: 0,
+        headers: Vec::new(),
         fields: Vec::new(),
     };
     let mut buf = Vec::new();
@@ -241,12 +257,12 @@ fn spool_fields(dir: &Path) -> io::Result<SpoolFields> {
         }
         match logtally_spool::decode_header(&buf) {
             Ok(Some((header, _))) => {
-                spool.segments += 1;
-                for f in header.fields {
-                    if !spool.fields.contains(&f) {
-                        spool.fields.push(f);
+                for f in &header.fields {
+                    if !spool.fields.contains(f) {
+                        spool.fields.push(f.clone());
                     }
                 }
+                spool.headers.push((name, header.fields));
             }
             Ok(None) => tracing::debug!(segment = %name, "segment header not complete yet"),
             Err(error) => tracing::debug!(segment = %name, %error, "bad segment header"),

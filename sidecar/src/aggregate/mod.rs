@@ -210,6 +210,8 @@ struct RuleState {
     quants: Vec<Quantiles>,
     /// An empty sketch per `quantiles` metric (its accuracy), cloned for each new key.
     quant_protos: Vec<Quantiles>,
+    /// Heap bytes of `hlls` and `quants`, kept up to date by each insert's size change.
+    sketch_bytes: usize,
     /// Bad values per metric since the aggregator was made.
     bad: Vec<u64>,
     counters: RuleCounters,
@@ -269,6 +271,7 @@ impl Aggregator {
                     bucket_ms: r.bucket_ms().max(1),
                     last_bucket: (i64::MAX, i64::MAX, 0),
                     bad: vec![0; accs_kind.len()],
+                    sketch_bytes: 0,
                     accs_kind,
                     tables: Vec::new(),
                     table_index: hashbrown::HashMap::new(),
@@ -477,6 +480,7 @@ impl Aggregator {
                     .as_mut()
                     .map(Admission::take_delta)
                     .unwrap_or_default();
+                st.sketch_bytes = 0;
                 keys.sort_unstable_by(|a, b| cmp_keys(key_bytes(&arena, a), key_bytes(&arena, b)));
                 DrainedRows {
                     rule,
@@ -613,7 +617,9 @@ fn add_n<const N: usize>(
                             (st.hlls.len() - 1) as i128
                         }
                         Acc::Quantiles(p) => {
-                            st.quants.push(st.quant_protos[usize::from(p)].clone());
+                            let q = st.quant_protos[usize::from(p)].clone();
+                            st.sketch_bytes += q.heap_bytes();
+                            st.quants.push(q);
                             (st.quants.len() - 1) as i128
                         }
                         other => other.initial(),
@@ -654,7 +660,10 @@ fn add_n<const N: usize>(
                 Acc::Min => Reading::Min,
                 Acc::Max => Reading::Max,
                 Acc::Distinct => {
-                    st.hlls[*acc as usize].insert(raw);
+                    let h = &mut st.hlls[*acc as usize];
+                    let before = h.heap_bytes();
+                    h.insert(raw);
+                    st.sketch_bytes = (st.sketch_bytes + h.heap_bytes()).saturating_sub(before);
                     continue;
                 }
                 _ => Reading::Sum,
@@ -675,9 +684,12 @@ fn add_n<const N: usize>(
                 Acc::Min => *acc = (*acc).min(v),
                 Acc::Max => *acc = (*acc).max(v),
                 Acc::Quantiles(_) => {
-                    if !st.quants[*acc as usize].insert_decimal(Decimal(v)) {
+                    let q = &mut st.quants[*acc as usize];
+                    let before = q.heap_bytes();
+                    if !q.insert_decimal(Decimal(v)) {
                         st.bad[m] += 1;
                     }
+                    st.sketch_bytes = (st.sketch_bytes + q.heap_bytes()).saturating_sub(before);
                 }
                 Acc::Count | Acc::Distinct => unreachable!("handled above"),
             }
@@ -685,5 +697,7 @@ fn add_n<const N: usize>(
     }
 }
 
+#[cfg(test)]
+mod pending_memory_tests;
 #[cfg(test)]
 mod tests;

@@ -188,8 +188,9 @@ fn largest<T>(mut items: Vec<T>, n: usize, value: impl Fn(&T) -> i64) -> Vec<T> 
 }
 
 impl Aggregator {
-    /// Approximate heap bytes the pending aggregates hold (arena, accumulators, key index
-    /// and hash tables), all rules.
+    /// Approximate heap bytes the pending aggregates hold (arena, accumulators, key index,
+    /// hash tables and the `distinct`/`quantiles` sketches), all rules. Cheap: capacities
+    /// and a running sketch total, no scan of the keys.
     pub fn pending_bytes(&self) -> u64 {
         let per_rule = |st: &RuleState| {
             let tables: usize = st
@@ -202,6 +203,9 @@ impl Aggregator {
                 + st.keys.capacity() * size_of::<KeyRef>()
                 + tables
                 + st.table_index.capacity() * 2 * size_of::<i64>()
+                + st.hlls.capacity() * size_of::<super::Hll>()
+                + st.quants.capacity() * size_of::<super::Quantiles>()
+                + st.sketch_bytes
         };
         self.rules.iter().map(per_rule).sum::<usize>() as u64
     }

@@ -24,6 +24,7 @@ pub mod condition;
 mod database_url;
 mod duration;
 mod limits;
+pub mod fields;
 mod metric;
 mod names;
 mod size;
@@ -69,6 +70,12 @@ pub struct Config {
     pub retain: Duration,
     /// Pending aggregate keys (all rules) above which reading pauses until a flush commits.
     pub max_pending_keys: usize,
+    /// Estimated bytes of pending aggregates (sketches included) above which reading pauses
+    /// until a flush commits, like `max_pending_keys` (whichever is reached first).
+    pub max_pending_memory: u64,
+    /// Add the columns a rule gained to its existing table at start (`ALTER TABLE … ADD
+    /// COLUMN`); never drops or retypes one. Default false: refuse, naming the statements.
+    pub auto_migrate: bool,
     /// On SIGTERM, how long to keep reading while writers still hold segments (default 20s).
     pub shutdown_wait: Duration,
     pub rules: Vec<Rule>,
@@ -142,6 +149,8 @@ pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9187";
 pub const DEFAULT_BINLOG: &str = "/var/lib/logtally/binlog";
 pub const DEFAULT_MAX_PENDING_KEYS: usize = 1_000_000;
+/// `max_pending_memory`: 1 GiB.
+pub const DEFAULT_MAX_PENDING_MEMORY: u64 = 1 << 30;
 /// How long SIGTERM keeps reading while writers hold segments (`shutdown_wait`).
 pub const DEFAULT_SHUTDOWN_WAIT: Duration = Duration::from_secs(20);
 
@@ -267,6 +276,8 @@ struct RawConfig {
     binlog: Option<PathBuf>,
     retain: Option<String>,
     max_pending_keys: Option<usize>,
+    max_pending_memory: Option<String>,
+    auto_migrate: Option<bool>,
     shutdown_wait: Option<String>,
     #[serde(default)]
     rule: Vec<RawRule>,
@@ -344,6 +355,13 @@ fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let max_pending_keys = raw.max_pending_keys.unwrap_or(DEFAULT_MAX_PENDING_KEYS);
     if max_pending_keys == 0 {
         return Err(invalid("max_pending_keys", Problem::Zero));
+    }
+    let max_pending_memory = match raw.max_pending_memory {
+        Some(s) => parse_size(&s).map_err(|p| invalid("max_pending_memory", p))?,
+        None => DEFAULT_MAX_PENDING_MEMORY,
+    };
+    if max_pending_memory == 0 {
+        return Err(invalid("max_pending_memory", Problem::Zero));
     }
     let (database_url, database_url_source) =
         database_url::from_keys(&shown, raw.database_url, raw.database_url_file)?;
@@ -463,6 +481,8 @@ fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
         binlog,
         retain,
         max_pending_keys,
+        max_pending_memory,
+        auto_migrate: raw.auto_migrate.unwrap_or(false),
         shutdown_wait,
         rules,
         limits,
@@ -477,51 +497,6 @@ fn column_clash(name: &str) -> Problem {
     } else {
         Problem::DuplicateColumn(name.to_string())
     }
-}
-
-/// Every field a rule reads that no segment declares: one error per key (`rule[i].group_by[j]`,
-/// `rule[i].metrics.<column>`), in file order. `declared` is the union of the field lists of
-/// the segment headers in `config.spool_dir`; with no segment there is nothing to compare
-/// with, so callers skip this check rather than pass an empty list.
-pub fn fields_not_in_spool(config: &Config, declared: &[String]) -> Vec<ConfigError> {
-    let known = |f: &str| declared.iter().any(|d| d == f);
-    let listed = declared.join(", ");
-    let mut errors = Vec::new();
-    for (i, rule) in config.rules.iter().enumerate() {
-        let group_by = rule
-            .group_by
-            .iter()
-            .enumerate()
-            .map(|(j, f)| (format!("rule[{i}].group_by[{j}]"), f.as_str()));
-        let metrics = rule.metrics.iter().flat_map(|m| {
-            let key = format!("rule[{i}].metrics.{}", m.column);
-            let filter = m.filter.iter().flat_map(Condition::fields);
-            m.kind
-                .field()
-                .into_iter()
-                .chain(filter)
-                .map(move |f| (key.clone(), f))
-        });
-        let filter = rule
-            .filter
-            .iter()
-            .flat_map(Condition::fields)
-            .map(|f| (format!("rule[{i}].where"), f));
-        for (key, field) in group_by.chain(metrics).chain(filter) {
-            if !known(field) {
-                errors.push(ConfigError::Invalid {
-                    path: config.path.display().to_string(),
-                    key,
-                    problem: Problem::NotInSpool {
-                        field: field.to_string(),
-                        dir: config.spool_dir.display().to_string(),
-                        declared: listed.clone(),
-                    },
-                });
-            }
-        }
-    }
-    errors
 }
 
 /// The machine's hostname: the kernel's, else `/etc/hostname`, else the `hostname` command.
@@ -567,6 +542,8 @@ impl Config {
         let _ = writeln!(s, "binlog        {}", self.binlog.display());
         let _ = writeln!(s, "retain        {}", format_duration(self.retain));
         let _ = writeln!(s, "max keys      {}", self.max_pending_keys);
+        let _ = writeln!(s, "max memory    {}", format_size(self.max_pending_memory));
+        let _ = writeln!(s, "auto migrate  {}", self.auto_migrate);
         let _ = writeln!(s, "shutdown wait {}", format_duration(self.shutdown_wait));
         for (i, r) in self.rules.iter().enumerate() {
             let metrics: Vec<String> = r

@@ -318,39 +318,6 @@ fn load_missing_file() {
 }
 
 #[test]
-fn fields_checked_against_the_spool() {
-    let c = p(&RULE.replace("max(rt)", "max(rtt)")).unwrap();
-    let declared: Vec<String> = ["ad", "ev", "bytes", "rt"].map(String::from).into();
-    let errors: Vec<String> = fields_not_in_spool(&c, &declared)
-        .iter()
-        .map(|e| e.to_string())
-        .collect();
-    assert_eq!(
-        errors,
-        [
-            "logtally.toml: rule[0].group_by[2]: field \"cmp\" is not in the spool \
-             (segments in /var/spool/logtally declare: ad, ev, bytes, rt)",
-            "logtally.toml: rule[0].metrics.rt_max: field \"rtt\" is not in the spool \
-             (segments in /var/spool/logtally declare: ad, ev, bytes, rt)",
-        ]
-    );
-    let e = &fields_not_in_spool(&c, &declared)[1];
-    assert_eq!(e.key(), Some("rule[0].metrics.rt_max"));
-
-    // All declared (in any order, with extras): nothing to report. `count` reads no field.
-    let c = p(RULE).unwrap();
-    let declared: Vec<String> = ["ua", "rt", "cmp", "bytes", "ev", "ad"]
-        .map(String::from)
-        .into();
-    assert!(fields_not_in_spool(&c, &declared).is_empty());
-    // Names are compared exactly: spool field names are case-sensitive.
-    let declared: Vec<String> = ["AD", "ev", "cmp", "bytes", "rt"].map(String::from).into();
-    let errors = fields_not_in_spool(&c, &declared);
-    assert_eq!(errors.len(), 1);
-    assert_eq!(errors[0].key(), Some("rule[0].group_by[0]"));
-}
-
-#[test]
 fn redaction() {
     // The odd forms are tested in database_url.rs; this is the summary's path.
     assert_eq!(

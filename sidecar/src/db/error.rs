@@ -38,8 +38,18 @@ pub enum StoreError {
     /// TLS settings that cannot be used (a root file that cannot be read).
     #[error("database_url: {0}")]
     Tls(#[from] super::TlsError),
-    #[error("existing tables do not match the configuration (fix or drop them): {}", join_mismatches(.0))]
+    #[error("existing tables do not match the configuration (fix or drop them; auto_migrate only adds the columns of metrics a rule gained): {}", join_mismatches(.0))]
     Shape(Vec<TableMismatch>),
+    /// Tables that only lack columns the rules gained: `statements` make them match.
+    #[error(
+        "existing tables lack columns the configuration adds ({}): set auto_migrate = true \
+         to let logtally run, or run yourself: {}",
+        join_mismatches(.mismatches), .statements.join("; ")
+    )]
+    Migratable {
+        mismatches: Vec<TableMismatch>,
+        statements: Vec<String>,
+    },
     #[error(
         "checkpoint of node {node}, segment {segment}: expected {expected:?}, database has \
          {found:?}; another sidecar may be running with the same node name"
@@ -171,6 +181,7 @@ impl StoreError {
             StoreError::BadUrl { .. }
             | StoreError::Tls(_)
             | StoreError::Shape(_)
+            | StoreError::Migratable { .. }
             | StoreError::MissingHll { .. }
             | StoreError::Citus(_)
             | StoreError::CheckpointConflict { .. } => return ErrorClass::Fatal,

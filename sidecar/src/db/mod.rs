@@ -20,6 +20,7 @@ mod admitted;
 mod checkpoint;
 mod citus;
 mod error;
+mod migrate;
 mod numeric;
 mod retention;
 mod rows;

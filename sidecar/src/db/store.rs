@@ -20,6 +20,7 @@ use crate::config::{describe, parse_database_url, Config, MetricKind, Rule, TlsM
 use super::checkpoint::{compare_checkpoint, CheckpointEntry, CheckpointState, FlushOutcome};
 use super::citus;
 use super::error::is_certificate_error;
+use super::migrate::{self, Migration};
 use super::rows::{rule_params, UpsertRows, UPSERT_CHUNK};
 use super::schema::{
     all_tables, shape_differences, ActualColumn, ActualTable, TableMismatch, TableSpec,
@@ -145,13 +146,15 @@ pub enum TableState {
     Ok,
     /// Absent: `run` will create it.
     Missing,
+    /// Lacks columns its rule gained; with `auto_migrate`, `run` runs these statements.
+    Migrate(Vec<String>),
 }
 
 /// `logtally check`'s database part: reachable, and every existing table has the right
 /// shape. Creates nothing.
 pub async fn check(config: &Config) -> Result<Vec<(String, TableState)>, StoreError> {
     let (client, task) = connect_client(&config.database_url).await?;
-    let states = inspect(&client, config).await;
+    let states = inspect(&client, config, config.auto_migrate).await;
     drop(client);
     let _ = task.await;
     Ok(states?
@@ -232,14 +235,18 @@ async fn install_quantiles(client: &mut Client, config: &Config) -> Result<(), S
 }
 
 /// Every table's state; an error naming every difference if any existing table has the
-/// wrong shape.
+/// wrong shape. A table that only lacks columns the rules gained is
+/// [`TableState::Migrate`] when `migrate` (`auto_migrate`) allows, else the error
+/// ([`StoreError::Migratable`]) names the statements that would fix it.
 async fn inspect(
     client: &Client,
     config: &Config,
+    migrate: bool,
 ) -> Result<Vec<(TableSpec, TableState)>, StoreError> {
     require_hll(client, config).await?;
     let mut states = Vec::new();
     let mut mismatches = Vec::new();
+    let mut statements = Some(Vec::new());
     for spec in all_tables(config) {
         match read_table(client, &spec.name).await? {
             None => states.push((spec, TableState::Missing)),
@@ -247,19 +254,34 @@ async fn inspect(
                 let differences = shape_differences(&spec, &actual);
                 if differences.is_empty() {
                     states.push((spec, TableState::Ok));
-                } else {
-                    mismatches.push(TableMismatch {
-                        table: spec.name.clone(),
-                        differences,
-                    });
+                    continue;
                 }
+                match migrate::plan(&spec, &differences) {
+                    Migration::Add(add) if migrate => {
+                        states.push((spec, TableState::Migrate(add)));
+                        continue;
+                    }
+                    Migration::Add(add) => {
+                        if let Some(s) = statements.as_mut() {
+                            s.extend(add)
+                        }
+                    }
+                    Migration::Refused(_) => statements = None,
+                }
+                mismatches.push(TableMismatch {
+                    table: spec.name.clone(),
+                    differences,
+                });
             }
         }
     }
-    if mismatches.is_empty() {
-        Ok(states)
-    } else {
-        Err(StoreError::Shape(mismatches))
+    match statements {
+        _ if mismatches.is_empty() => Ok(states),
+        Some(statements) => Err(StoreError::Migratable {
+            mismatches,
+            statements,
+        }),
+        None => Err(StoreError::Shape(mismatches)),
     }
 }
 
@@ -290,8 +312,19 @@ impl Store {
         // Before the tables: a `quantiles` column needs its type (`inspect` checks hll).
         install_quantiles(&mut client, config).await?;
         // Check every table before creating any, so a refusal leaves the database untouched.
-        let missing: Vec<TableSpec> = inspect(&client, config)
-            .await?
+        let mut states = inspect(&client, config, config.auto_migrate).await?;
+        let statements: Vec<String> = states
+            .iter()
+            .flat_map(|(_, state)| match state {
+                TableState::Migrate(add) => add.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        if !statements.is_empty() {
+            migrate::apply(&mut client, &statements).await?;
+            states = inspect(&client, config, false).await?;
+        }
+        let missing: Vec<TableSpec> = states
             .into_iter()
             .filter(|(_, state)| *state == TableState::Missing)
             .map(|(spec, _)| spec)
@@ -320,7 +353,7 @@ impl Store {
             }
         }
         if !missing.is_empty() {
-            inspect(&client, config).await?;
+            inspect(&client, config, false).await?;
         }
         let (placements, warnings) = citus::report(&client, config, citus.as_ref()).await?;
         for (table, placement) in placements {

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub rows_upserted: IntCounterVec,
     /// Field values a sum/min/max could not parse as a decimal (labels `rule`, `metric`).
     pub bad_values: IntCounterVec,
+    /// Segments whose header lacks a field a rule reads (labels `rule`, `field`).
+    pub missing_field_segments: IntCounterVec,
     /// Database operations that failed (connect, query, commit).
     pub database_errors: IntCounter,
     /// Bytes in the spool not yet committed (sum over segments of size − committed offset).
@@ -60,6 +62,8 @@ pub struct Metrics {
     pub spool_free_bytes: IntGauge,
     /// Aggregate keys held in memory, all rules together.
     pub pending_keys: IntGauge,
+    /// Estimated bytes of the pending aggregates, sketches included.
+    pub pending_bytes: IntGauge,
     /// Spool segments the reader currently tracks.
     pub segments_open: IntGauge,
     /// Sealed, fully committed segments removed from the spool.
@@ -168,6 +172,14 @@ impl Metrics {
             &["rule", "metric"],
         )?;
         registry.register(Box::new(bad_values.clone()))?;
+        let missing_field_segments = IntCounterVec::new(
+            Opts::new(
+                "logtally_missing_field_segments_total",
+                "Spool segments whose header lacks a field the rule reads (read as absent).",
+            ),
+            &["rule", "field"],
+        )?;
+        registry.register(Box::new(missing_field_segments.clone()))?;
         let database_errors = counter(
             "logtally_database_errors_total",
             "Failed database operations.",
@@ -192,6 +204,10 @@ impl Metrics {
         let pending_keys = int_gauge(
             "logtally_pending_keys",
             "Aggregate keys held in memory, all rules.",
+        )?;
+        let pending_bytes = int_gauge(
+            "logtally_pending_bytes",
+            "Estimated bytes of the aggregates held in memory (sketches included), all rules.",
         )?;
         let segments_open = int_gauge(
             "logtally_segments_open",
@@ -276,12 +292,14 @@ impl Metrics {
             flush_duration,
             rows_upserted,
             bad_values,
+            missing_field_segments,
             database_errors,
             lag_bytes,
             lag_seconds,
             spool_bytes,
             spool_free_bytes,
             pending_keys,
+            pending_bytes,
             segments_open,
             segments_deleted,
             binlog_writes,
@@ -383,6 +401,12 @@ impl Metrics {
     }
 
     /// Counts unparsable values of one metric column of one rule.
+    pub fn add_missing_field_segment(&self, table: &str, field: &str) {
+        self.missing_field_segments
+            .with_label_values(&[table, field])
+            .inc();
+    }
+
     pub fn add_bad_values(&self, table: &str, column: &str, n: u64) {
         self.bad_values
             .with_label_values(&[table, column])

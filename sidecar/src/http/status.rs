@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::aggregate::{RuleTop, TopKey};
 use crate::config::{Config, MetricKind, Rule};
 use crate::db::{ErrorClass, StoreError};
+use crate::run::missing_fields::MissingFieldStatus;
 use crate::spool::tail::{self, Position};
 
 /// Everything `/status` reports. The run loop owns the truth and copies it here as it
@@ -58,12 +59,18 @@ pub struct Status {
     pub decode_errors: u64,
     /// Approximate memory the pending aggregates hold, bytes.
     pub pending_bytes: u64,
+    /// The bounds on pending state (`max_pending_keys`, `max_pending_memory`): reading
+    /// pauses at whichever is reached first.
+    pub max_pending_keys: u64,
+    pub max_pending_bytes: u64,
     /// The last [`RECENT_FLUSHES`] flush attempts, oldest first.
     pub recent_flushes: VecDeque<FlushStatus>,
     /// Per rule (same order as `rules`): the current bucket's largest keys so far.
     pub top_keys: Vec<RuleTopStatus>,
     /// Per rule (same order as `rules`): `max_keys` and `retention`, and what they did.
     pub limits: Vec<crate::http::limits::RuleLimitsStatus>,
+    /// Per (rule, field), the latest segment whose header lacks a field the rule reads.
+    pub missing_fields: Vec<MissingFieldStatus>,
     /// The previous events sample (time ms, count), for the rate.
     #[serde(skip)]
     events_sampled: Option<(u64, u64)>,
@@ -199,6 +206,8 @@ impl Status {
             events_per_second: VecDeque::new(),
             decode_errors: 0,
             pending_bytes: 0,
+            max_pending_keys: crate::config::DEFAULT_MAX_PENDING_KEYS as u64,
+            max_pending_bytes: crate::config::DEFAULT_MAX_PENDING_MEMORY,
             recent_flushes: VecDeque::new(),
             top_keys: rules
                 .iter()
@@ -223,6 +232,7 @@ impl Status {
                     )
                 })
                 .collect(),
+            missing_fields: Vec::new(),
             events_sampled: None,
         }
     }
@@ -245,6 +255,8 @@ impl Status {
         {
             *s = crate::http::limits::RuleLimitsStatus::new(rule, limits);
         }
+        status.max_pending_keys = config.max_pending_keys as u64;
+        status.max_pending_bytes = config.max_pending_memory;
         status
     }
 

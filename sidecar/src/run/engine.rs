@@ -407,6 +407,7 @@ impl<D: Database> Engine<D> {
                 &view.rule_counters,
                 &view.admission_held,
             );
+            s.missing_fields.clone_from(&view.missing_fields);
             self.metrics.lag_bytes.set(s.lag_bytes as i64);
             self.metrics.lag_seconds.set(s.lag_seconds);
         });

@@ -15,6 +15,8 @@
 //!   own beside the flushes.
 
 mod engine;
+pub mod missing_fields;
+mod pending_limit;
 mod reader;
 mod retention;
 
@@ -299,7 +301,9 @@ async fn run_loop(
         match commit_once(&mut engine, &reader).await {
             Ok(true) => {
                 // After an outage the reader may have filled up meanwhile: go again at once.
-                flush_now = retried || reader.view().pending_keys >= config.max_pending_keys;
+                let view = reader.view();
+                let limit = pending_limit::PendingLimit::of(&config);
+                flush_now = retried || limit.full(view.pending_keys, view.pending_bytes);
                 tick.reset();
             }
             Ok(false) => {

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{oneshot, Notify};
 use tracing::{error, warn};
 
+use super::missing_fields::{MissingFieldStatus, MissingFields};
+use super::pending_limit::PendingLimit;
 use super::DaemonError;
 use crate::aggregate::{Aggregator, DrainedRows, RuleTop, TopKeys};
 use crate::config::Config;
@@ -83,6 +85,8 @@ pub(crate) struct ReaderView {
     pub rule_counters: Vec<crate::aggregate::RuleCounters>,
     /// Per rule: (buckets, keys) of admitted state held, `None` without `max_keys`.
     pub admission_held: Vec<Option<(usize, usize)>>,
+    /// Per (rule, field), the latest segment whose header lacks it.
+    pub missing_fields: Vec<MissingFieldStatus>,
 }
 
 impl ReaderView {
@@ -109,6 +113,7 @@ struct Reader {
     top_keys: TopKeys,
     /// When the top keys were last computed (`None`: at the next publish).
     top_keys_at: Option<Instant>,
+    missing_fields: MissingFields,
 }
 
 impl Reader {
@@ -123,7 +128,11 @@ impl Reader {
                     Err(std_mpsc::TryRecvError::Disconnected) => return,
                 }
             }
-            let full = self.aggregator.pending_keys() >= self.config.max_pending_keys;
+            let (keys, bytes) = (
+                self.aggregator.pending_keys(),
+                self.aggregator.pending_bytes(),
+            );
+            let full = PendingLimit::of(&self.config).full(keys, bytes);
             let more = if self.stopped || full {
                 if full {
                     self.full.notify_one();
@@ -149,20 +158,29 @@ impl Reader {
             aggregator,
             oldest_ms,
             torn_discarded,
+            missing_fields,
+            config,
+            metrics,
             ..
         } = self;
         // Near the key bound, read in small steps so the bound is not overshot by much.
-        let budget = if aggregator.pending_keys() >= self.config.max_pending_keys / 2 {
-            SMALL_POLL_BUDGET
-        } else {
-            POLL_BUDGET
-        };
+        let near =
+            PendingLimit::of(config).near(aggregator.pending_keys(), aggregator.pending_bytes());
+        let budget = if near { SMALL_POLL_BUDGET } else { POLL_BUDGET };
         aggregator.set_now(crate::now_ms() as i64);
         let result = tailer.poll(budget, &mut |event| match event {
             SegmentEvent::Record {
                 segment, record, ..
             } => {
-                aggregator.add_cached(segment.id, &segment.header.fields, &record);
+                let fields = &segment.header.fields;
+                let now = crate::now_ms();
+                for n in missing_fields.look(config, segment.id, segment.name, fields, now) {
+                    warn!(rule = %n.rule, field = %n.field, segment = %n.segment,
+                        "segment header lacks a field the rule reads (nginx reloaded without \
+                         its logtally_field?): its events read it as absent");
+                    metrics.add_missing_field_segment(&n.rule, &n.field);
+                }
+                aggregator.add_cached(segment.id, fields, &record);
                 let t = record.time_ms;
                 match oldest_ms.get_mut(segment.name) {
                     Some(o) => *o = (*o).min(t),
@@ -199,6 +217,8 @@ impl Reader {
             .inc_by(s.truncated_segments - self.reported.truncated_segments);
         m.segments_open.set(self.tailer.segments_open() as i64);
         m.pending_keys.set(self.aggregator.pending_keys() as i64);
+        let pending_bytes = self.aggregator.pending_bytes();
+        m.pending_bytes.set(pending_bytes as i64);
         self.reported = s;
         self.torn_discarded = 0;
         let bad = self.aggregator.bad_values();
@@ -234,12 +254,15 @@ impl Reader {
         view.dropped_events = s.dropped_events;
         if let Some(top) = top {
             view.top_keys = top;
-            view.pending_bytes = self.aggregator.pending_bytes();
         }
+        view.pending_bytes = pending_bytes;
         view.open_segments = self.tailer.segments_open();
         view.bytes_read = s.bytes;
         view.rule_counters = self.aggregator.rule_counters();
         view.admission_held = self.aggregator.admission_held();
+        if view.missing_fields.as_slice() != self.missing_fields.entries() {
+            view.missing_fields = self.missing_fields.entries().to_vec();
+        }
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -261,6 +284,7 @@ impl Reader {
                 let removed =
                     self.tailer
                         .remove_finished(&positions, SystemTime::now(), self.config.retain);
+                self.missing_fields.forget(&removed);
                 self.publish();
                 let _ = reply.send(removed);
             }
@@ -317,6 +341,7 @@ impl ReaderHandle {
             stopped: false,
             top_keys,
             top_keys_at: None,
+            missing_fields: MissingFields::default(),
         };
         let thread = std::thread::Builder::new()
             .name("logtally-reader".into())

@@ -18,6 +18,8 @@ mod aggregates;
 mod cli;
 mod daemon;
 mod limits;
+mod migrate;
+mod pending_memory;
 mod sketches;
 mod store;
 mod store_bench;

@@ -11,6 +11,8 @@ mod e2e;
 mod exactly_once;
 mod faults;
 mod limits;
+mod fields;
+mod lists;
 mod module;
 mod observability;
 mod operator;
