@@ -1,5 +1,9 @@
 //! The flush benchmark, one PostgreSQL against Citus, run by hand:
-//! `LOGTALLY_CITUS=1 cargo test --release -p logtally-e2e --test suite citus::bench -- --ignored --nocapture`.
+//!
+//! ```text
+//! LOGTALLY_CITUS=1 cargo test --release -p logtally-e2e --test suite citus::bench -- \
+//!     --ignored --nocapture
+//! ```
 
 use super::*;
 
