@@ -5,7 +5,14 @@
 //!     --ignored --nocapture
 //! ```
 
-use super::*;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use logtally_e2e::citus::TestCitus;
+use logtally_e2e::edge::EVS;
+use logtally_e2e::sidecar::Db;
+
+use super::{citus_rule, position, store_config};
 
 // ---------------------------------------------------------------------------------------
 // Benchmark, run by hand:

@@ -1,7 +1,14 @@
 //! The checkpoint forms on Citus: two-phase commit across workers and the compare-and-swap
 //! on the coordinator-local checkpoint table.
 
-use super::*;
+use std::path::Path;
+use std::time::Duration;
+
+use logtally::db::{checkpoint_table, create_sql, rule_table};
+use logtally_e2e::citus::TestCitus;
+use logtally_e2e::edge::RULE;
+
+use super::{one_row, position, query};
 
 /// The three forms a checkpoint table can take on Citus, as SQL run after the sidecar's own
 /// `CREATE TABLE` (the sidecar converts the plain one to coordinator-local at start).

@@ -2,7 +2,14 @@
 //! (once), `logtally check` reporting them, a worker restart, and `distribute_by` without
 //! Citus being a warning while ingest goes on.
 
-use super::*;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use logtally_e2e::citus::{distribution, TestCitus};
+use logtally_e2e::edge::{expected, wait_for_totals, Pair};
+use logtally_e2e::sidecar::Db;
+
+use super::{citus_rule, one_row, position, send, start_store, store_config, workload};
 
 #[test]
 fn cluster_starts_with_the_tables_distributed_and_a_worker_restarts() {

@@ -1,7 +1,18 @@
 //! Faults on Citus: backends killed (on the coordinator and workers, and `kill -9` mid
 //! COMMIT) and a COMMIT whose reply is lost; nothing is counted twice.
 
-use super::*;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use logtally_e2e::citus::{Session, TestCitus};
+use logtally_e2e::edge::{expected, pair_logs, wait_for_totals, Pair, Req};
+use rand::{Rng, SeedableRng};
+
+use super::{
+    citus_rule, cluster_with_edges, report_exits, restart_exited, retry_summary, send, send_until,
+    wait_for_distributed_tables, wait_for_totals_restarting, wait_until, workload,
+};
 
 #[test]
 fn backends_killed_on_coordinator_and_workers_mid_flush_count_nothing_twice() {

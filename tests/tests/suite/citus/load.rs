@@ -2,7 +2,17 @@
 //! sidecars mid-flush, a worker restarted mid-stream, and a worker added with the shards
 //! rebalanced.
 
-use super::*;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use logtally_e2e::citus::Session;
+use logtally_e2e::edge::{expected, pair_logs, wait_for_totals, Pair, Req};
+
+use super::{
+    cluster_with_edges, events_per_worker, report_exits, restart_exited, retry_summary, send,
+    send_until, wait_for_totals_restarting, wait_until, workload, FLUSH_FAILED,
+};
 
 #[test]
 fn four_nginx_sidecar_pairs_feed_distributed_tables_exactly() {

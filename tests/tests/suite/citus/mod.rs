@@ -9,17 +9,14 @@
 //! three PostgreSQL servers each: run them one at a time on a small machine
 //! (`cargo test --release -p logtally-e2e --test suite citus:: -- --test-threads 1`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use logtally::db::{checkpoint_table, create_sql, rule_table};
-use logtally_e2e::citus::{citus_missing, distribution, Session, TestCitus};
-use logtally_e2e::edge::{
-    expected, pair_logs, totals, wait_for_totals, Pair, Req, Totals, EVS, RULE,
-};
+use logtally_e2e::citus::{distribution, TestCitus};
+use logtally_e2e::edge::{pair_logs, totals, wait_for_totals, Pair, Req, Totals, RULE};
 use logtally_e2e::nginx::HttpClient;
 use logtally_e2e::sidecar::Db;
 use rand::{Rng, SeedableRng};
@@ -35,7 +32,7 @@ macro_rules! require_citus {
             );
             return;
         }
-        if let Some(why) = citus_missing() {
+        if let Some(why) = logtally_e2e::citus::citus_missing() {
             eprintln!("SKIPPED: citus not installed (run scripts/citus-build.sh): {why}");
             return;
         }

@@ -1,7 +1,12 @@
 //! Sketch columns and SQL functions on distributed tables: `hll` and a histogram merge
 //! aggregate, and the sidecar's sketch columns equal to what PostgreSQL computes itself.
 
-use super::*;
+use std::collections::{BTreeMap, HashMap};
+
+use logtally_e2e::citus::{distribution, TestCitus};
+use rand::{Rng, SeedableRng};
+
+use super::{position, query, store_config};
 
 /// A plpgsql merge function and an aggregate over it, of the kind the sidecar is to install
 /// for its quantile sketches (bucket counts added element by element).

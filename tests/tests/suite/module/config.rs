@@ -1,7 +1,12 @@
 //! Configurations: bad ones fail `nginx -t` naming the directive; levels inherit, switch
 //! off and leave undeclared fields absent.
 
-use super::*;
+use std::path::Path;
+use std::time::Duration;
+
+use logtally_e2e::nginx::{read_spool, test_config, HttpClient, TestNginx};
+
+use super::{all_events, status, status_value, TmpfsMount, GOOD};
 
 fn assert_rejected(body: &str, prepare: impl FnOnce(&Path), wanted: &[&str]) {
     let out = test_config(body, prepare);

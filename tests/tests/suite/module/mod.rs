@@ -14,16 +14,10 @@
 //! `LOGTALLY_NGINX_ROUTE=vendored`); see `logtally_e2e::nginx`. Runs as root for the tmpfs,
 //! loop-mount and fsfreeze cases; elsewhere those fall back or are skipped (said on stderr).
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use logtally_e2e::nginx::{
-    read_spool, send_signal, test_config, HttpClient, SegmentContents, TestNginx,
-};
+use logtally_e2e::nginx::{HttpClient, SegmentContents};
 
 mod config;
 mod odd_values;

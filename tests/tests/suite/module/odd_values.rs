@@ -1,6 +1,10 @@
 //! Huge, non-UTF-8 and empty values: recorded faithfully or cut by the documented rule.
 
-use super::*;
+use std::time::Duration;
+
+use logtally_e2e::nginx::{read_spool, HttpClient, TestNginx};
+
+use super::{all_events, assert_clean, status, status_value, ODD_CONF};
 
 #[test]
 fn huge_non_utf8_and_empty_values_are_recorded_or_cut_by_the_rule() {

@@ -1,7 +1,14 @@
 //! A full queue (in records or bytes) and spools that cannot take writes or whose disk is
 //! frozen or stalled: events are dropped (counted, marked), requests and reloads never hurt.
 
-use super::*;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use logtally_e2e::nginx::{read_spool, HttpClient, TestNginx};
+
+use super::{all_events, assert_clean, id_of, status, status_value, TmpfsMount};
 
 const PAD_CONF: &str = r#"
     logtally_spool @DIR@/spool flush=20ms fsync=off;

@@ -1,6 +1,13 @@
 //! Reloads under load and a killed worker: nothing lost or doubled that should not be.
 
-use super::*;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use logtally_e2e::nginx::{read_spool, send_signal, HttpClient, SegmentContents, TestNginx};
+
+use super::{all_events, assert_clean, id_of};
 
 const PID_CONF: &str = r#"
     logtally_spool @DIR@/spool flush=20ms;

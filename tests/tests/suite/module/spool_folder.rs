@@ -1,7 +1,11 @@
 //! The spool folder: its documented owner and mode, and segments deleted by hand noticed,
 //! counted and replaced.
 
-use super::*;
+use std::time::Duration;
+
+use logtally_e2e::nginx::{read_spool, HttpClient, TestNginx};
+
+use super::{all_events, assert_clean, id_of, status, status_value, GOOD};
 
 /// The `Uid:` and `Gid:` (effective) of a process, from /proc.
 fn process_ids(pid: i32) -> (u32, u32) {

@@ -1,6 +1,10 @@
 //! `logtally_status`: valid Prometheus text with the counts sent, and never an event itself.
 
-use super::*;
+use std::time::Duration;
+
+use logtally_e2e::nginx::{read_spool, HttpClient, TestNginx};
+
+use super::{all_events, status, status_value, ODD_CONF};
 
 #[test]
 fn status_is_valid_prometheus_text_with_the_counts_sent() {

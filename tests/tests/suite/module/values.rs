@@ -2,7 +2,13 @@
 //! values that something read earlier (`add_header`, upstream failover, subrequests, SSI,
 //! internal redirects) recorded as access_log writes them.
 
-use super::*;
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+use std::time::Duration;
+
+use logtally_e2e::nginx::{read_spool, HttpClient, TestNginx};
+
+use super::{all_events, assert_clean, id_of};
 
 /// Values one request id sends; absent (`None`) and empty (`Some("")`) both occur.
 #[derive(Debug, Clone, PartialEq, Eq)]

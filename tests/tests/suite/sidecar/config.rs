@@ -1,6 +1,13 @@
 //! `check` and `run` refusing bad configurations and tables of the wrong shape.
 
-use super::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use logtally_e2e::postgres::TestPostgres;
+use logtally_e2e::sidecar::{free_addr, logtally_bin, Db};
+
+use super::{dead_pid, hand_segment, start_sidecar, Site, Workload, RULE};
 
 fn check(config: &Path) -> (bool, String) {
     let out = Command::new(logtally_bin())

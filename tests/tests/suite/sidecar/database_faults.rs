@@ -1,7 +1,18 @@
 //! Database faults: an outage, connections killed mid-transaction and a COMMIT whose reply
 //! is lost ([`CommitCutter`], also used by the Citus tests); nothing lost or doubled.
 
-use super::*;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use logtally_e2e::postgres::TestPostgres;
+use logtally_e2e::prometheus::http_get;
+use logtally_e2e::sidecar::Db;
+use rand::{Rng, SeedableRng};
+
+use super::{
+    metric, start_sidecar, wait_for_totals, wait_until, write_segment, writer, FakeWriter, Site,
+    Workload, RULE,
+};
 
 #[test]
 fn a_ten_second_database_outage_loses_and_doubles_nothing() {

@@ -1,7 +1,16 @@
 //! Ingest: exact totals while segments grow, across `kill -9`s of the sidecar, and past
 //! corrupt records and torn tails.
 
-use super::*;
+use std::time::Duration;
+
+use logtally_e2e::postgres::TestPostgres;
+use logtally_e2e::sidecar::Db;
+use rand::{Rng, SeedableRng};
+
+use super::{
+    dead_pid, hand_segment, metric, now_ms, start_sidecar, totals, wait_for_totals, wait_until,
+    write_segment, writer, FakeWriter, Site, Workload,
+};
 
 #[test]
 fn a_million_events_over_four_segments_two_growing_add_up_exactly() {

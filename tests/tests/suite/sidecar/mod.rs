@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use logtally_e2e::postgres::TestPostgres;
 use logtally_e2e::prometheus::http_get;
-use logtally_e2e::sidecar::{free_addr, logtally_bin, Db, TestSidecar};
+use logtally_e2e::sidecar::{free_addr, Db, TestSidecar};
 use logtally_spool::{
     encode_event, encode_header, segment_file_name, SegmentHeader, SegmentWriter,
     SegmentWriterConfig,
