@@ -19,7 +19,7 @@
 //!   [`spool_dir`] (the spool folder's check, owner and mode).
 //!
 //! The FFI glue is left out of the unit-test build: its nginx symbols exist only inside an
-//! nginx process, so a test binary holding it could not load. `tests/tests/suite/module.rs` runs
+//! nginx process, so a test binary holding it could not load. `tests/tests/suite/module/` runs
 //! the whole module in a real nginx.
 
 #[cfg(not(test))]
