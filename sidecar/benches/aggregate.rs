@@ -222,7 +222,13 @@ fn main() {
         bytes as f64 / events as f64
     );
     println!("ratio memchr / decode+aggregate time: {:.1}x", agg_s / nl_s);
-    limited(&spool, events, std::slice::from_ref(&plain), &header, agg_cpu);
+    limited(
+        &spool,
+        events,
+        std::slice::from_ref(&plain),
+        &header,
+        agg_cpu,
+    );
 
     tail_from_file(&spool, events, &[plain], &header);
 }

@@ -23,8 +23,8 @@
 pub mod condition;
 mod database_url;
 mod duration;
-mod limits;
 pub mod fields;
+mod limits;
 mod metric;
 mod names;
 mod size;
