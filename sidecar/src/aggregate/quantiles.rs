@@ -21,11 +21,16 @@
 //! empty side NULL. Only non-empty buckets are stored; request times between 1 µs and 100 s span at most
 //! ⌈ln(10⁸)/ln γ⌉ + 1 = 922 buckets at α = 1%.
 //!
-//! In memory: 72 bytes inline, 16 bytes per non-empty bucket ([`Quantiles::heap_bytes`]).
+//! In memory: 88 bytes inline, and per side either 16 bytes per non-empty bucket or, when
+//! the buckets are packed, 8 bytes per key of their span (see `buckets.rs`; at most 48 bytes
+//! a non-empty bucket, [`Quantiles::heap_bytes`]).
+
+mod buckets;
 
 use std::fmt::Write as _;
 
 use crate::aggregate::Decimal;
+use buckets::Buckets;
 
 /// The default relative accuracy: 1%.
 pub const DEFAULT_ALPHA: f64 = 0.01;
@@ -46,9 +51,9 @@ pub struct Quantiles {
     /// 1 / ln γ.
     multiplier: f64,
     zero: u64,
-    /// (key, count) of non-empty buckets, keys ascending.
-    pos: Vec<(i32, u64)>,
-    neg: Vec<(i32, u64)>,
+    /// Count per bucket key.
+    pos: Buckets,
+    neg: Buckets,
 }
 
 /// Why a sketch cannot be made or merged.
@@ -83,8 +88,8 @@ impl Quantiles {
             alpha,
             multiplier: 1.0 / gamma(alpha).ln(),
             zero: 0,
-            pos: Vec::new(),
-            neg: Vec::new(),
+            pos: Buckets::default(),
+            neg: Buckets::default(),
         })
     }
 
@@ -94,8 +99,7 @@ impl Quantiles {
 
     /// Values added.
     pub fn count(&self) -> u64 {
-        let side = |s: &[(i32, u64)]| s.iter().map(|&(_, c)| c).sum::<u64>();
-        self.zero + side(&self.pos) + side(&self.neg)
+        self.zero + self.pos.count() + self.neg.count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -104,7 +108,7 @@ impl Quantiles {
 
     /// Heap bytes held (for memory accounting; `size_of::<Quantiles>()` is the inline part).
     pub fn heap_bytes(&self) -> usize {
-        (self.pos.capacity() + self.neg.capacity()) * std::mem::size_of::<(i32, u64)>()
+        self.pos.heap_bytes() + self.neg.heap_bytes()
     }
 
     /// Adds a value. Returns false (and adds nothing) for NaN, infinities and magnitudes
@@ -125,7 +129,7 @@ impl Quantiles {
         } else {
             &mut self.neg
         };
-        add_count(side, key, 1);
+        side.add(key, 1);
         true
     }
 
@@ -141,8 +145,8 @@ impl Quantiles {
             return Err(QuantilesError::AlphaMismatch(self.alpha, other.alpha));
         }
         self.zero += other.zero;
-        merge_side(&mut self.pos, &other.pos);
-        merge_side(&mut self.neg, &other.neg);
+        self.pos.merge(&other.pos);
+        self.neg.merge(&other.neg);
         Ok(())
     }
 
@@ -155,7 +159,7 @@ impl Quantiles {
         let rank = q * (n - 1) as f64;
         let mut cumulative = 0u64;
         // Sorted order: the most negative first (negative keys descending), zero, positive.
-        for &(key, c) in self.neg.iter().rev() {
+        for (key, c) in self.neg.iter().rev() {
             cumulative += c;
             if cumulative as f64 > rank {
                 return Some(-self.representative(key));
@@ -165,14 +169,14 @@ impl Quantiles {
         if cumulative as f64 > rank {
             return Some(0.0);
         }
-        for &(key, c) in &self.pos {
+        for (key, c) in self.pos.iter() {
             cumulative += c;
             if cumulative as f64 > rank {
                 return Some(self.representative(key));
             }
         }
         // Unreachable: the last bucket's cumulative count is n > rank.
-        self.pos.last().map(|&(k, _)| self.representative(k))
+        self.pos.iter().next_back().map(|(k, _)| self.representative(k))
     }
 
     /// The value bucket `key` stands for: 2·γ^key/(1+γ). The SQL function
@@ -193,9 +197,9 @@ impl Quantiles {
             if i > 0 {
                 out.push(',');
             }
-            write_array(&mut out, side.iter().map(|&(k, _)| i64::from(k)));
+            write_array(&mut out, side.len(), side.iter().map(|(k, _)| i64::from(k)));
             out.push(',');
-            write_array(&mut out, side.iter().map(|&(_, c)| c as i64));
+            write_array(&mut out, side.len(), side.iter().map(|(_, c)| c as i64));
         }
         out.push(')');
         out
@@ -203,8 +207,8 @@ impl Quantiles {
 
     /// The composite's fields.
     pub fn to_parts(&self) -> QuantilesParts {
-        let keys = |s: &[(i32, u64)]| s.iter().map(|&(k, _)| k).collect();
-        let counts = |s: &[(i32, u64)]| s.iter().map(|&(_, c)| c as i64).collect();
+        let keys = |s: &Buckets| s.iter().map(|(k, _)| k).collect();
+        let counts = |s: &Buckets| s.iter().map(|(_, c)| c as i64).collect();
         QuantilesParts {
             alpha: self.alpha,
             zero: self.zero as i64,
@@ -230,7 +234,7 @@ impl Quantiles {
             for (&k, &c) in keys.iter().zip(counts) {
                 let c = u64::try_from(c).map_err(|_| QuantilesError::Parts("negative count"))?;
                 if c > 0 {
-                    add_count(side, k, c);
+                    side.add(k, c);
                 }
             }
         }
@@ -242,60 +246,13 @@ fn gamma(alpha: f64) -> f64 {
     (1.0 + alpha) / (1.0 - alpha)
 }
 
-#[inline]
-fn add_count(side: &mut Vec<(i32, u64)>, key: i32, n: u64) {
-    match side.binary_search_by_key(&key, |&(k, _)| k) {
-        Ok(i) => side[i].1 += n,
-        Err(i) => {
-            if side.len() == side.capacity() {
-                // Grow by half (at least 4) rather than double: buckets are most of the memory.
-                side.reserve_exact((side.len() / 2).max(4));
-            }
-            side.insert(i, (key, n));
-        }
-    }
-}
-
-/// Adds `theirs` into `mine` (both sorted by key) in one linear pass.
-fn merge_side(mine: &mut Vec<(i32, u64)>, theirs: &[(i32, u64)]) {
-    if theirs.is_empty() {
-        return;
-    }
-    let mut out = Vec::with_capacity(mine.len() + theirs.len());
-    let (mut a, mut b) = (mine.iter().peekable(), theirs.iter().peekable());
-    loop {
-        let next = match (a.peek(), b.peek()) {
-            (Some(&&(ka, ca)), Some(&&(kb, cb))) if ka == kb => {
-                a.next();
-                b.next();
-                (ka, ca + cb)
-            }
-            (Some(&&x), Some(&&y)) if x.0 < y.0 => {
-                a.next();
-                x
-            }
-            (_, Some(&&y)) => {
-                b.next();
-                y
-            }
-            (Some(&&x), None) => {
-                a.next();
-                x
-            }
-            (None, None) => break,
-        };
-        out.push(next);
-    }
-    *mine = out;
-}
-
 /// An array of the composite's text form; an empty one is NULL (nothing between the commas),
 /// which PostgreSQL stores in one bit instead of a 16-byte empty array.
-fn write_array(out: &mut String, items: impl ExactSizeIterator<Item = i64>) {
-    if items.len() == 0 {
+fn write_array(out: &mut String, len: usize, items: impl Iterator<Item = i64>) {
+    if len == 0 {
         return;
     }
-    let quoted = items.len() > 1;
+    let quoted = len > 1;
     if quoted {
         out.push('"');
     }
@@ -454,7 +411,7 @@ mod tests {
 
     #[test]
     fn memory_per_sketch() {
-        assert_eq!(std::mem::size_of::<Quantiles>(), 72);
+        assert_eq!(std::mem::size_of::<Quantiles>(), 88);
         let s = sketch(0.01, &[0.1, 0.1, 0.2]);
         assert_eq!(s.heap_bytes(), 4 * 16, "first allocation holds 4 buckets");
         let mut wide = Quantiles::new(0.01).unwrap();
