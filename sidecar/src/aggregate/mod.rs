@@ -60,6 +60,7 @@ pub mod quantiles;
 mod top;
 
 pub use decimal::Decimal;
+pub(crate) use key::short_eq;
 pub use drained::DrainedRows;
 pub use merge::{combine_kind, merge_rows};
 pub use top::{RuleTop, TopKey, TopKeys};
@@ -578,7 +579,7 @@ fn add_n<const N: usize>(
             table
                 .find(hash, |k| {
                     k.len as usize == key.len()
-                        && arena[k.off as usize..(k.off + k.len) as usize] == key[..]
+                        && short_eq(&arena[k.off as usize..(k.off + k.len) as usize], key)
                 })
                 .copied()
         };
