@@ -76,7 +76,7 @@ use admission::{Admission, Decision};
 use hll::Hll;
 use key::{cmp_keys, key_bytes, push_dim};
 use numeric_list::{read_number, Numeric, Reading};
-use quantiles::Quantiles;
+use quantiles::{PlaceCache, Quantiles};
 
 /// The last millisecond of year 9999 (UTC): later event times are skipped and counted, as
 /// nothing after it is a time anyone means (and PostgreSQL's range ends not far beyond).
@@ -211,6 +211,8 @@ struct RuleState {
     quants: Vec<Quantiles>,
     /// An empty sketch per `quantiles` metric (its accuracy), cloned for each new key.
     quant_protos: Vec<Quantiles>,
+    /// Per `quantiles` metric: recent values' buckets (saves a logarithm per repeated value).
+    quant_caches: Vec<PlaceCache>,
     /// Bad values per metric since the aggregator was made.
     bad: Vec<u64>,
     counters: RuleCounters,
@@ -265,6 +267,7 @@ impl Aggregator {
                 RuleState {
                     hlls: Vec::new(),
                     quants: Vec::new(),
+                    quant_caches: vec![PlaceCache::default(); quant_protos.len()],
                     quant_protos,
                     counters: RuleCounters::default(),
                     bucket_ms: r.bucket_ms().max(1),
@@ -675,8 +678,9 @@ fn add_n<const N: usize>(
                 },
                 Acc::Min => *acc = (*acc).min(v),
                 Acc::Max => *acc = (*acc).max(v),
-                Acc::Quantiles(_) => {
-                    if !st.quants[*acc as usize].insert_decimal(Decimal(v)) {
+                Acc::Quantiles(p) => {
+                    let cache = &mut st.quant_caches[usize::from(p)];
+                    if !st.quants[*acc as usize].insert_decimal_cached(Decimal(v), cache) {
                         st.bad[m] += 1;
                     }
                 }
