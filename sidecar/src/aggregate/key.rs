@@ -32,7 +32,11 @@ pub(crate) fn short_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     let (wa, wb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tails_equal = wa.remainder().iter().zip(wb.remainder()).all(|(x, y)| x == y);
+    let tails_equal = wa
+        .remainder()
+        .iter()
+        .zip(wb.remainder())
+        .all(|(x, y)| x == y);
     let word = |c: &[u8]| u64::from_ne_bytes(c.try_into().expect("8 bytes"));
     tails_equal && wa.zip(wb).all(|(x, y)| word(x) == word(y))
 }

@@ -60,8 +60,8 @@ pub mod quantiles;
 mod top;
 
 pub use decimal::Decimal;
-pub(crate) use key::short_eq;
 pub use drained::DrainedRows;
+pub(crate) use key::short_eq;
 pub use merge::{combine_kind, merge_rows};
 pub use top::{RuleTop, TopKey, TopKeys};
 

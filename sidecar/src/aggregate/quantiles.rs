@@ -220,7 +220,10 @@ impl Quantiles {
             }
         }
         // Unreachable: the last bucket's cumulative count is n > rank.
-        self.pos.iter().next_back().map(|(k, _)| self.representative(k))
+        self.pos
+            .iter()
+            .next_back()
+            .map(|(k, _)| self.representative(k))
     }
 
     /// The value bucket `key` stands for: 2·γ^key/(1+γ). The SQL function
@@ -460,18 +463,22 @@ mod tests {
     #[test]
     fn cached_inserts_equal_plain_ones() {
         let mut cache = PlaceCache::default();
-        let (mut plain, mut cached) = (Quantiles::new(0.01).unwrap(), Quantiles::new(0.01).unwrap());
+        let (mut plain, mut cached) =
+            (Quantiles::new(0.01).unwrap(), Quantiles::new(0.01).unwrap());
         let mut rng = Rng(7);
         for i in 0..20_000i64 {
             // Repeats (millisecond request times), negatives, zero, colliding slots, i128.
             let units = match i % 4 {
                 0 => (rng.unit() * 500.0) as i64 * 1_000_000,
                 1 => -((rng.unit() * 1e12) as i64),
-                2 => (i % 7) * (CACHE_SLOTS as i64) << 20,
+                2 => ((i % 7) * (CACHE_SLOTS as i64)) << 20,
                 _ => (rng.unit() * 3.0) as i64,
             };
             let d = Decimal(i128::from(units) * if i % 97 == 0 { 1 << 70 } else { 1 });
-            assert_eq!(plain.insert_decimal(d), cached.insert_decimal_cached(d, &mut cache));
+            assert_eq!(
+                plain.insert_decimal(d),
+                cached.insert_decimal_cached(d, &mut cache)
+            );
         }
         assert_eq!(plain, cached);
         assert_eq!(plain.to_parts(), cached.to_parts());

@@ -31,8 +31,8 @@ use std::fmt;
 
 use crate::aggregate::numeric_list::{read_number, Numeric, Reading};
 use crate::aggregate::quantiles::DEFAULT_ALPHA;
-use crate::aggregate::Decimal;
 use crate::aggregate::short_eq;
+use crate::aggregate::Decimal;
 
 mod parse;
 
