@@ -19,10 +19,15 @@
 //! per non-zero register) when that is smaller than FULL (5 bits × 2,048 = 1,280 bytes), i.e.
 //! while fewer than [`SPARSE_MAX_FILLED`] + 1 registers are non-zero, else FULL.
 //!
-//! Memory: 24 bytes inline; an explicit sketch holds 8 bytes per distinct hash (≤ 1,280 bytes),
-//! a register sketch 2,048 bytes (one byte per register). [`Hll::heap_bytes`] reports it.
+//! Memory: 24 bytes inline; an explicit sketch holds its distinct hashes in a hash table
+//! (`explicit.rs`: 8 bytes a slot, at most 3/4 full, ≤ 2,048 bytes), a register sketch
+//! 2,048 bytes (one byte per register). [`Hll::heap_bytes`] reports it.
+
+mod explicit;
 
 use std::fmt;
+
+use explicit::{ExplicitSet, Inserted};
 
 /// log2 of the register count (the extension's default `log2m`).
 pub const LOG2M: u32 = 11;
@@ -61,9 +66,9 @@ pub struct Hll {
 enum Repr {
     #[default]
     Empty,
-    /// Distinct hashes sorted as signed 64-bit integers (the extension's order), at most
-    /// [`EXPLICIT_MAX`].
-    Explicit(Vec<u64>),
+    /// At most [`EXPLICIT_MAX`] distinct hashes (written sorted as signed 64-bit integers,
+    /// the extension's order).
+    Explicit(ExplicitSet),
     /// One byte per register, and how many are non-zero.
     Registers(Box<[u8; REGISTERS]>, u16),
 }
@@ -153,25 +158,15 @@ impl Hll {
     pub fn insert_hash(&mut self, h: u64) {
         match &mut self.repr {
             Repr::Empty => {
-                let mut hashes = Vec::with_capacity(4);
-                hashes.push(h);
+                let mut hashes = ExplicitSet::new();
+                hashes.insert(h);
                 self.repr = Repr::Explicit(hashes);
             }
             Repr::Explicit(hashes) => {
-                let Err(at) = hashes.binary_search_by_key(&(h as i64), |&x| x as i64) else {
-                    return;
-                };
-                if hashes.len() == EXPLICIT_MAX {
-                    let mut regs = Registers::from_hashes(hashes);
+                if hashes.insert(h) == Inserted::Full {
+                    let mut regs = Registers::from_hashes(hashes.iter());
                     regs.add(h);
                     self.repr = regs.into_repr();
-                } else {
-                    if hashes.len() == hashes.capacity() {
-                        // Grow towards EXPLICIT_MAX, never past it.
-                        let want = (hashes.len() * 2).min(EXPLICIT_MAX);
-                        hashes.reserve_exact(want - hashes.len());
-                    }
-                    hashes.insert(at, h);
                 }
             }
             Repr::Registers(regs, filled) => add_to_registers(regs, filled, h),
@@ -183,7 +178,7 @@ impl Hll {
         match &other.repr {
             Repr::Empty => {}
             Repr::Explicit(theirs) => {
-                for &h in theirs {
+                for h in theirs.iter() {
                     self.insert_hash(h);
                 }
             }
@@ -199,7 +194,7 @@ impl Hll {
                         regs: theirs.clone(),
                         filled: *their_filled,
                     };
-                    for &h in mine.iter() {
+                    for h in mine.iter() {
                         regs.add(h);
                     }
                     self.repr = regs.into_repr();
@@ -218,7 +213,7 @@ impl Hll {
     pub fn heap_bytes(&self) -> usize {
         match &self.repr {
             Repr::Empty => 0,
-            Repr::Explicit(hashes) => hashes.capacity() * 8,
+            Repr::Explicit(hashes) => hashes.heap_bytes(),
             Repr::Registers(..) => REGISTERS,
         }
     }
@@ -238,7 +233,7 @@ impl Hll {
             Repr::Explicit(hashes) => {
                 out.reserve(HEADER_LEN + 8 * hashes.len());
                 out.extend_from_slice(&[TYPE_EXPLICIT, PARAMS, CUTOFF]);
-                for h in hashes {
+                for h in hashes.sorted() {
                     out.extend_from_slice(&h.to_be_bytes());
                 }
             }
@@ -363,9 +358,9 @@ impl Registers {
         }
     }
 
-    fn from_hashes(hashes: &[u64]) -> Registers {
+    fn from_hashes(hashes: impl Iterator<Item = u64>) -> Registers {
         let mut r = Registers::new();
-        for &h in hashes {
+        for h in hashes {
             r.add(h);
         }
         r
@@ -498,7 +493,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<Hll>(), 24);
         assert_eq!(Hll::new().heap_bytes(), 0);
         assert_eq!(build(users(0..3)).heap_bytes(), 32);
-        assert!(build(users(0..160)).heap_bytes() <= 160 * 8);
+        assert!(build(users(0..160)).heap_bytes() <= REGISTERS);
         assert_eq!(build(users(0..161)).heap_bytes(), REGISTERS);
     }
 

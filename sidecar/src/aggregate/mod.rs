@@ -61,6 +61,7 @@ mod top;
 
 pub use decimal::Decimal;
 pub use drained::DrainedRows;
+pub(crate) use key::short_eq;
 pub use merge::{combine_kind, merge_rows};
 pub use top::{RuleTop, TopKey, TopKeys};
 
@@ -75,7 +76,7 @@ use admission::{Admission, Decision};
 use hll::Hll;
 use key::{cmp_keys, key_bytes, push_dim};
 use numeric_list::{read_number, Numeric, Reading};
-use quantiles::Quantiles;
+use quantiles::{PlaceCache, Quantiles};
 
 /// The last millisecond of year 9999 (UTC): later event times are skipped and counted, as
 /// nothing after it is a time anyone means (and PostgreSQL's range ends not far beyond).
@@ -212,6 +213,8 @@ struct RuleState {
     quant_protos: Vec<Quantiles>,
     /// Heap bytes of `hlls` and `quants`, kept up to date by each insert's size change.
     sketch_bytes: usize,
+    /// Per `quantiles` metric: recent values' buckets (saves a logarithm per repeated value).
+    quant_caches: Vec<PlaceCache>,
     /// Bad values per metric since the aggregator was made.
     bad: Vec<u64>,
     counters: RuleCounters,
@@ -266,6 +269,7 @@ impl Aggregator {
                 RuleState {
                     hlls: Vec::new(),
                     quants: Vec::new(),
+                    quant_caches: vec![PlaceCache::default(); quant_protos.len()],
                     quant_protos,
                     counters: RuleCounters::default(),
                     bucket_ms: r.bucket_ms().max(1),
@@ -582,7 +586,7 @@ fn add_n<const N: usize>(
             table
                 .find(hash, |k| {
                     k.len as usize == key.len()
-                        && arena[k.off as usize..(k.off + k.len) as usize] == key[..]
+                        && short_eq(&arena[k.off as usize..(k.off + k.len) as usize], key)
                 })
                 .copied()
         };
@@ -683,10 +687,11 @@ fn add_n<const N: usize>(
                 },
                 Acc::Min => *acc = (*acc).min(v),
                 Acc::Max => *acc = (*acc).max(v),
-                Acc::Quantiles(_) => {
+                Acc::Quantiles(p) => {
+                    let cache = &mut st.quant_caches[usize::from(p)];
                     let q = &mut st.quants[*acc as usize];
                     let before = q.heap_bytes();
-                    if !q.insert_decimal(Decimal(v)) {
+                    if !q.insert_decimal_cached(Decimal(v), cache) {
                         st.bad[m] += 1;
                     }
                     st.sketch_bytes = (st.sketch_bytes + q.heap_bytes()).saturating_sub(before);

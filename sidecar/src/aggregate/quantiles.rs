@@ -21,11 +21,16 @@
 //! empty side NULL. Only non-empty buckets are stored; request times between 1 µs and 100 s span at most
 //! ⌈ln(10⁸)/ln γ⌉ + 1 = 922 buckets at α = 1%.
 //!
-//! In memory: 72 bytes inline, 16 bytes per non-empty bucket ([`Quantiles::heap_bytes`]).
+//! In memory: 88 bytes inline, and per side either 16 bytes per non-empty bucket or, when
+//! the buckets are packed, 8 bytes per key of their span (see `buckets.rs`; at most 48 bytes
+//! a non-empty bucket, [`Quantiles::heap_bytes`]).
+
+mod buckets;
 
 use std::fmt::Write as _;
 
 use crate::aggregate::Decimal;
+use buckets::Buckets;
 
 /// The default relative accuracy: 1%.
 pub const DEFAULT_ALPHA: f64 = 0.01;
@@ -46,9 +51,9 @@ pub struct Quantiles {
     /// 1 / ln γ.
     multiplier: f64,
     zero: u64,
-    /// (key, count) of non-empty buckets, keys ascending.
-    pos: Vec<(i32, u64)>,
-    neg: Vec<(i32, u64)>,
+    /// Count per bucket key.
+    pos: Buckets,
+    neg: Buckets,
 }
 
 /// Why a sketch cannot be made or merged.
@@ -83,8 +88,8 @@ impl Quantiles {
             alpha,
             multiplier: 1.0 / gamma(alpha).ln(),
             zero: 0,
-            pos: Vec::new(),
-            neg: Vec::new(),
+            pos: Buckets::default(),
+            neg: Buckets::default(),
         })
     }
 
@@ -94,8 +99,7 @@ impl Quantiles {
 
     /// Values added.
     pub fn count(&self) -> u64 {
-        let side = |s: &[(i32, u64)]| s.iter().map(|&(_, c)| c).sum::<u64>();
-        self.zero + side(&self.pos) + side(&self.neg)
+        self.zero + self.pos.count() + self.neg.count()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -104,35 +108,79 @@ impl Quantiles {
 
     /// Heap bytes held (for memory accounting; `size_of::<Quantiles>()` is the inline part).
     pub fn heap_bytes(&self) -> usize {
-        (self.pos.capacity() + self.neg.capacity()) * std::mem::size_of::<(i32, u64)>()
+        self.pos.heap_bytes() + self.neg.heap_bytes()
     }
 
     /// Adds a value. Returns false (and adds nothing) for NaN, infinities and magnitudes
     /// above [`MAX_MAGNITUDE`].
     #[inline]
     pub fn insert(&mut self, x: f64) -> bool {
+        match self.place(x) {
+            Some(p) => {
+                self.add_at(p);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The bucket `x` falls in (`None` for NaN, infinities and magnitudes above
+    /// [`MAX_MAGNITUDE`]).
+    #[inline]
+    fn place(&self, x: f64) -> Option<Place> {
         let magnitude = x.abs();
         if magnitude.is_nan() || magnitude > MAX_MAGNITUDE {
-            return false;
+            return None;
         }
         if magnitude < ZERO_LIMIT {
-            self.zero += 1;
-            return true;
+            return Some(Place::Zero);
         }
         let key = (magnitude.ln() * self.multiplier).ceil() as i32;
-        let side = if x > 0.0 {
-            &mut self.pos
+        Some(if x > 0.0 {
+            Place::Pos(key)
         } else {
-            &mut self.neg
-        };
-        add_count(side, key, 1);
-        true
+            Place::Neg(key)
+        })
+    }
+
+    #[inline]
+    fn add_at(&mut self, p: Place) {
+        match p {
+            Place::Zero => self.zero += 1,
+            Place::Pos(key) => self.pos.add(key, 1),
+            Place::Neg(key) => self.neg.add(key, 1),
+        }
     }
 
     /// Adds an exact decimal (a field value read by the numeric-list rule).
     #[inline]
     pub fn insert_decimal(&mut self, d: Decimal) -> bool {
-        self.insert(d.0 as f64 / Decimal::ONE as f64)
+        self.insert(decimal_to_f64(d))
+    }
+
+    /// [`insert_decimal`](Quantiles::insert_decimal), looking the value's bucket up in
+    /// `cache` first (for sketches of this accuracy): logged values such as request times
+    /// repeat, and a hit saves the logarithm. Same buckets as without the cache.
+    #[inline]
+    pub fn insert_decimal_cached(&mut self, d: Decimal, cache: &mut PlaceCache) -> bool {
+        let Ok(units) = i64::try_from(d.0) else {
+            return self.insert_decimal(d);
+        };
+        let slot = &mut cache.slots[cache_slot(units)];
+        if let Some((u, p)) = *slot {
+            if u == units {
+                self.add_at(p);
+                return true;
+            }
+        }
+        match self.place(decimal_to_f64(d)) {
+            Some(p) => {
+                *slot = Some((units, p));
+                self.add_at(p);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Adds every value of `other`. Both must have the same accuracy.
@@ -141,8 +189,8 @@ impl Quantiles {
             return Err(QuantilesError::AlphaMismatch(self.alpha, other.alpha));
         }
         self.zero += other.zero;
-        merge_side(&mut self.pos, &other.pos);
-        merge_side(&mut self.neg, &other.neg);
+        self.pos.merge(&other.pos);
+        self.neg.merge(&other.neg);
         Ok(())
     }
 
@@ -155,7 +203,7 @@ impl Quantiles {
         let rank = q * (n - 1) as f64;
         let mut cumulative = 0u64;
         // Sorted order: the most negative first (negative keys descending), zero, positive.
-        for &(key, c) in self.neg.iter().rev() {
+        for (key, c) in self.neg.iter().rev() {
             cumulative += c;
             if cumulative as f64 > rank {
                 return Some(-self.representative(key));
@@ -165,14 +213,17 @@ impl Quantiles {
         if cumulative as f64 > rank {
             return Some(0.0);
         }
-        for &(key, c) in &self.pos {
+        for (key, c) in self.pos.iter() {
             cumulative += c;
             if cumulative as f64 > rank {
                 return Some(self.representative(key));
             }
         }
         // Unreachable: the last bucket's cumulative count is n > rank.
-        self.pos.last().map(|&(k, _)| self.representative(k))
+        self.pos
+            .iter()
+            .next_back()
+            .map(|(k, _)| self.representative(k))
     }
 
     /// The value bucket `key` stands for: 2·γ^key/(1+γ). The SQL function
@@ -193,9 +244,9 @@ impl Quantiles {
             if i > 0 {
                 out.push(',');
             }
-            write_array(&mut out, side.iter().map(|&(k, _)| i64::from(k)));
+            write_array(&mut out, side.len(), side.iter().map(|(k, _)| i64::from(k)));
             out.push(',');
-            write_array(&mut out, side.iter().map(|&(_, c)| c as i64));
+            write_array(&mut out, side.len(), side.iter().map(|(_, c)| c as i64));
         }
         out.push(')');
         out
@@ -203,8 +254,8 @@ impl Quantiles {
 
     /// The composite's fields.
     pub fn to_parts(&self) -> QuantilesParts {
-        let keys = |s: &[(i32, u64)]| s.iter().map(|&(k, _)| k).collect();
-        let counts = |s: &[(i32, u64)]| s.iter().map(|&(_, c)| c as i64).collect();
+        let keys = |s: &Buckets| s.iter().map(|(k, _)| k).collect();
+        let counts = |s: &Buckets| s.iter().map(|(_, c)| c as i64).collect();
         QuantilesParts {
             alpha: self.alpha,
             zero: self.zero as i64,
@@ -230,7 +281,7 @@ impl Quantiles {
             for (&k, &c) in keys.iter().zip(counts) {
                 let c = u64::try_from(c).map_err(|_| QuantilesError::Parts("negative count"))?;
                 if c > 0 {
-                    add_count(side, k, c);
+                    side.add(k, c);
                 }
             }
         }
@@ -238,64 +289,59 @@ impl Quantiles {
     }
 }
 
-fn gamma(alpha: f64) -> f64 {
-    (1.0 + alpha) / (1.0 - alpha)
+/// Which bucket a value falls in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Zero,
+    Pos(i32),
+    Neg(i32),
 }
 
-#[inline]
-fn add_count(side: &mut Vec<(i32, u64)>, key: i32, n: u64) {
-    match side.binary_search_by_key(&key, |&(k, _)| k) {
-        Ok(i) => side[i].1 += n,
-        Err(i) => {
-            if side.len() == side.capacity() {
-                // Grow by half (at least 4) rather than double: buckets are most of the memory.
-                side.reserve_exact((side.len() / 2).max(4));
-            }
-            side.insert(i, (key, n));
+const CACHE_SLOTS: usize = 512;
+
+/// Recently seen decimals (in units of 10⁻⁹) and their buckets, direct-mapped: 8 KiB, for
+/// one accuracy (one aggregator rule's `quantiles` metric).
+#[derive(Debug, Clone)]
+pub struct PlaceCache {
+    slots: Box<[Option<(i64, Place)>; CACHE_SLOTS]>,
+}
+
+impl Default for PlaceCache {
+    fn default() -> Self {
+        PlaceCache {
+            slots: Box::new([None; CACHE_SLOTS]),
         }
     }
 }
 
-/// Adds `theirs` into `mine` (both sorted by key) in one linear pass.
-fn merge_side(mine: &mut Vec<(i32, u64)>, theirs: &[(i32, u64)]) {
-    if theirs.is_empty() {
-        return;
-    }
-    let mut out = Vec::with_capacity(mine.len() + theirs.len());
-    let (mut a, mut b) = (mine.iter().peekable(), theirs.iter().peekable());
-    loop {
-        let next = match (a.peek(), b.peek()) {
-            (Some(&&(ka, ca)), Some(&&(kb, cb))) if ka == kb => {
-                a.next();
-                b.next();
-                (ka, ca + cb)
-            }
-            (Some(&&x), Some(&&y)) if x.0 < y.0 => {
-                a.next();
-                x
-            }
-            (_, Some(&&y)) => {
-                b.next();
-                y
-            }
-            (Some(&&x), None) => {
-                a.next();
-                x
-            }
-            (None, None) => break,
-        };
-        out.push(next);
-    }
-    *mine = out;
+#[inline]
+fn cache_slot(units: i64) -> usize {
+    ((units as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - CACHE_SLOTS.trailing_zeros()))
+        as usize
+}
+
+/// Through i64 when it fits: the same correctly rounded f64 as from i128, without the slower
+/// 128-bit conversion.
+#[inline]
+fn decimal_to_f64(d: Decimal) -> f64 {
+    let units = match i64::try_from(d.0) {
+        Ok(v) => v as f64,
+        Err(_) => d.0 as f64,
+    };
+    units / Decimal::ONE as f64
+}
+
+fn gamma(alpha: f64) -> f64 {
+    (1.0 + alpha) / (1.0 - alpha)
 }
 
 /// An array of the composite's text form; an empty one is NULL (nothing between the commas),
 /// which PostgreSQL stores in one bit instead of a 16-byte empty array.
-fn write_array(out: &mut String, items: impl ExactSizeIterator<Item = i64>) {
-    if items.len() == 0 {
+fn write_array(out: &mut String, len: usize, items: impl Iterator<Item = i64>) {
+    if len == 0 {
         return;
     }
-    let quoted = items.len() > 1;
+    let quoted = len > 1;
     if quoted {
         out.push('"');
     }
@@ -415,6 +461,30 @@ mod tests {
     }
 
     #[test]
+    fn cached_inserts_equal_plain_ones() {
+        let mut cache = PlaceCache::default();
+        let (mut plain, mut cached) =
+            (Quantiles::new(0.01).unwrap(), Quantiles::new(0.01).unwrap());
+        let mut rng = Rng(7);
+        for i in 0..20_000i64 {
+            // Repeats (millisecond request times), negatives, zero, colliding slots, i128.
+            let units = match i % 4 {
+                0 => (rng.unit() * 500.0) as i64 * 1_000_000,
+                1 => -((rng.unit() * 1e12) as i64),
+                2 => ((i % 7) * (CACHE_SLOTS as i64)) << 20,
+                _ => (rng.unit() * 3.0) as i64,
+            };
+            let d = Decimal(i128::from(units) * if i % 97 == 0 { 1 << 70 } else { 1 });
+            assert_eq!(
+                plain.insert_decimal(d),
+                cached.insert_decimal_cached(d, &mut cache)
+            );
+        }
+        assert_eq!(plain, cached);
+        assert_eq!(plain.to_parts(), cached.to_parts());
+    }
+
+    #[test]
     fn edge_cases() {
         assert_eq!(Quantiles::new(0.0), Err(QuantilesError::Alpha(0.0)));
         assert_eq!(Quantiles::new(0.5), Err(QuantilesError::Alpha(0.5)));
@@ -454,7 +524,7 @@ mod tests {
 
     #[test]
     fn memory_per_sketch() {
-        assert_eq!(std::mem::size_of::<Quantiles>(), 72);
+        assert_eq!(std::mem::size_of::<Quantiles>(), 88);
         let s = sketch(0.01, &[0.1, 0.1, 0.2]);
         assert_eq!(s.heap_bytes(), 4 * 16, "first allocation holds 4 buckets");
         let mut wide = Quantiles::new(0.01).unwrap();

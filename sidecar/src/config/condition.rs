@@ -31,6 +31,7 @@ use std::fmt;
 
 use crate::aggregate::numeric_list::{read_number, Numeric, Reading};
 use crate::aggregate::quantiles::DEFAULT_ALPHA;
+use crate::aggregate::short_eq;
 use crate::aggregate::Decimal;
 
 mod parse;
@@ -315,7 +316,7 @@ fn eval(node: &Node<usize>, values: &[Option<&[u8]>], bad: &mut bool) -> Truth {
         Node::Compare { field, op, value } => {
             let v = field_value(values, *field);
             match value {
-                Literal::Text(t) => Truth::of((v == t.as_bytes()) == (*op == Op::Eq)),
+                Literal::Text(t) => Truth::of(short_eq(v, t.as_bytes()) == (*op == Op::Eq)),
                 Literal::Number(n) => match number(v, bad) {
                     Some(x) => Truth::of(op.holds(x.cmp(n))),
                     None => Truth::Unknown,
@@ -330,7 +331,7 @@ fn eval(node: &Node<usize>, values: &[Option<&[u8]>], bad: &mut bool) -> Truth {
             let mut numeric: Option<Option<Decimal>> = None;
             for item in list {
                 let hit = match item {
-                    Literal::Text(t) => v == t.as_bytes(),
+                    Literal::Text(t) => short_eq(v, t.as_bytes()),
                     Literal::Number(n) => {
                         *numeric.get_or_insert_with(|| number(v, bad)) == Some(*n)
                     }
