@@ -63,17 +63,6 @@ async fn the_memory_bound_pauses_the_reader_before_the_key_bound() {
     }
     w.seal(0).unwrap();
 
-    // Hold the node's flush lock: no flush can commit.
-    let (holder, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-    tokio::spawn(conn);
-    holder
-        .execute(
-            "SELECT pg_advisory_lock(hashtextextended('logtally_checkpoint:' || $1, 0))",
-            &[&"mem"],
-        )
-        .await
-        .unwrap();
-
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -102,6 +91,26 @@ async fn the_memory_bound_pauses_the_reader_before_the_key_bound() {
             .unwrap_or(-1.0)
     };
 
+    // Once the reader runs (the checkpoint is read under the same lock), hold the node's
+    // flush lock: from then on no flush can commit.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while metric("logtally_events_read_total ").await <= 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reader never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (holder, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    holder
+        .execute(
+            "SELECT pg_advisory_lock(hashtextextended('logtally_checkpoint:' || $1, 0))",
+            &[&"mem"],
+        )
+        .await
+        .unwrap();
+
     // The reader reaches the memory bound and stops there.
     // (`/status` is refreshed by the run loop, which waits on the held lock: the gauges are
     // the reader's own.)
@@ -115,6 +124,19 @@ async fn the_memory_bound_pauses_the_reader_before_the_key_bound() {
             "never reached the bound"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A flush that was already waiting on the lock may have taken one batch, and the reader
+    // fills a second to the bound (documented): wait until it has stopped.
+    loop {
+        let before = metric("logtally_events_read_total ").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if metric("logtally_events_read_total ").await == before {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reader never paused"
+        );
     }
     let paused = status().await;
     assert_eq!(
