@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use logtally::aggregate::{Decimal, MetricValue, Row, RuleRows};
@@ -176,31 +176,7 @@ async fn rss_per_pending_key() {
         }
         w.append(&buf, 1, 0, 0).unwrap();
         w.seal(0).unwrap();
-        let listen = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let cfg_path = dir.path().join("logtally.toml");
-        std::fs::write(
-            &cfg_path,
-            format!(
-                "spool_dir = \"{}\"\ndatabase_url = \"{url}\"\nnode = \"rss\"\nflush_interval = \"1h\"\n\
-                 listen = \"{listen}\"\nbinlog = \"{}\"\nmax_pending_keys = 10000000\n{RULE}",
-                spool.display(),
-                dir.path().join("binlog").display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_logtally"))
-            .args(["run", "-c"])
-            .arg(&cfg_path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        // Killed on every exit, a failed assertion too.
-        let child = KillOnDrop(child);
+        let (listen, child) = start_holding_sidecar(dir.path(), &spool, &url, RULE);
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let pending = metric(listen, "logtally_pending_keys").unwrap_or(-1.0);
@@ -261,4 +237,38 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Starts the real binary on `spool` with a flush interval of an hour (what it reads stays
+/// pending), its admin server on a free port. Killed on drop, a failed assertion too.
+pub(crate) fn start_holding_sidecar(
+    dir: &std::path::Path,
+    spool: &std::path::Path,
+    url: &str,
+    rule: &str,
+) -> (std::net::SocketAddr, KillOnDrop) {
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cfg_path = dir.join("logtally.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "spool_dir = \"{}\"\ndatabase_url = \"{url}\"\nnode = \"rss\"\nflush_interval = \"1h\"\n\
+             listen = \"{listen}\"\nbinlog = \"{}\"\nmax_pending_keys = 10000000\n{rule}",
+            spool.display(),
+            dir.join("binlog").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_logtally"))
+        .args(["run", "-c"])
+        .arg(&cfg_path)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (listen, KillOnDrop(child))
 }

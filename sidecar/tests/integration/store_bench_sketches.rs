@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use logtally::aggregate::Aggregator;
@@ -26,7 +26,7 @@ use logtally_spool::{
     decode_frame, encode_event, Decoded, Frame, SegmentWriter, SegmentWriterConfig,
 };
 
-use crate::store_bench::{median, metric, proc_status_kib, rss_kib, KillOnDrop};
+use crate::store_bench::{median, metric, proc_status_kib, rss_kib, start_holding_sidecar};
 
 const RULE: &str = r#"
 [[rule]]
@@ -165,30 +165,7 @@ async fn rss_per_pending_sketch_key() {
         }
         w.append(&buf, 1, 0, 0).unwrap();
         w.seal(0).unwrap();
-        let listen = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let cfg_path = dir.path().join("logtally.toml");
-        std::fs::write(
-            &cfg_path,
-            format!(
-                "spool_dir = \"{}\"\ndatabase_url = \"{url}\"\nnode = \"rss\"\nflush_interval = \"1h\"\n\
-                 listen = \"{listen}\"\nbinlog = \"{}\"\nmax_pending_keys = 10000000\n{RULE}",
-                spool.display(),
-                dir.path().join("binlog").display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_logtally"))
-            .args(["run", "-c"])
-            .arg(&cfg_path)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let child = KillOnDrop(child);
+        let (listen, child) = start_holding_sidecar(dir.path(), &spool, &url, RULE);
         let deadline = Instant::now() + Duration::from_secs(180);
         let want = (keys.max(1) * EVENTS_PER_KEY) as f64;
         loop {
