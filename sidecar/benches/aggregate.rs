@@ -13,7 +13,9 @@
 //! and prints both rates (per wall and per CPU second) and their ratio.
 //!
 //! Run: `cargo bench -p logtally --bench aggregate` (`LOGTALLY_BENCH_EVENTS=1000000` for a
-//! quicker run).
+//! quicker run, `LOGTALLY_BENCH_ONLY=sketches` to time the issue-12 rule alone, e.g. under
+//! `perf record`, and `LOGTALLY_BENCH_METRICS='{ n = "count", rt = "quantiles(rt)" }'` to
+//! give that rule other metrics: what each aggregate costs).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -53,7 +55,14 @@ bucket   = "1m"
 group_by = ["ad", "cmp"]
 metrics  = { events = "count", views = "count where ev = 'view'", clicks = "count where ev = 'click'", reach = "distinct(uid)", rt = "quantiles(rt)" }
 "#;
-    let mut config = logtally::config::parse(std::path::Path::new("bench.toml"), text)
+    let text = match std::env::var("LOGTALLY_BENCH_METRICS") {
+        Ok(m) => text.replace(
+            "{ events = \"count\", views = \"count where ev = 'view'\", clicks = \"count where ev = 'click'\", reach = \"distinct(uid)\", rt = \"quantiles(rt)\" }",
+            &m,
+        ),
+        Err(_) => text.to_string(),
+    };
+    let mut config = logtally::config::parse(std::path::Path::new("bench.toml"), &text)
         .expect("bench config is valid");
     let sketches = config.rules.pop().expect("two rules");
     let plain = config.rules.pop().expect("two rules");
@@ -117,7 +126,9 @@ fn decode_and_aggregate(spool: &[u8], agg: &mut Aggregator, header: &[String]) -
             other => panic!("bench spool is valid: {other:?}"),
         }
     }
-    let rows = agg.drain().iter().map(|r| r.rows.len()).sum();
+    // The daemon's drain: compact rows, built into `Row`s only when the store binds them
+    // (the flush's cost, timed by the store benches).
+    let rows = agg.drain_compact().iter().map(|r| r.len()).sum();
     (events, rows)
 }
 
@@ -153,6 +164,16 @@ fn main() {
 
     let (plain, sketches) = rules();
     let header = fields();
+    if std::env::var("LOGTALLY_BENCH_ONLY").as_deref() == Ok("sketches") {
+        // For a profiler: the issue-12 rule alone.
+        let (sk_s, sk_cpu, sk_rows) = measure(&spool, events, &sketches, &header);
+        println!(
+            "with sketches: {:.1} ns/event ({sk_rows} rows); per CPU second {:.2} M events/s",
+            sk_s * 1e9 / events as f64,
+            events as f64 / sk_cpu / 1e6,
+        );
+        return;
+    }
     let (agg_s, agg_cpu, rows) = measure(&spool, events, &plain, &header);
     let (sk_s, sk_cpu, sk_rows) = measure(&spool, events, &sketches, &header);
 

@@ -46,7 +46,9 @@ pub struct Values<'a> {
 impl<'a> Iterator for Values<'a> {
     type Item = Option<&'a [u8]>;
 
-    #[inline]
+    // Always in line: called out of line, the value comes back through memory, and reading
+    // it back as one 16-byte load from two 8-byte stores stalls (no store forwarding).
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.left == 0 {
             return None;

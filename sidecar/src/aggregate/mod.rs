@@ -57,6 +57,7 @@ mod key;
 mod merge;
 pub mod numeric_list;
 pub mod quantiles;
+mod sketch_ops;
 mod top;
 
 pub use decimal::Decimal;
@@ -77,6 +78,7 @@ use hll::Hll;
 use key::{cmp_keys, key_bytes, push_dim};
 use numeric_list::{read_number, Numeric, Reading};
 use quantiles::{PlaceCache, Quantiles};
+use sketch_ops::SketchOps;
 
 /// The last millisecond of year 9999 (UTC): later event times are skipped and counted, as
 /// nothing after it is a time anyone means (and PostgreSQL's range ends not far beyond).
@@ -211,8 +213,11 @@ struct RuleState {
     quants: Vec<Quantiles>,
     /// An empty sketch per `quantiles` metric (its accuracy), cloned for each new key.
     quant_protos: Vec<Quantiles>,
-    /// Heap bytes of `hlls` and `quants`, kept up to date by each insert's size change.
+    /// Heap bytes of `hlls` and `quants`, kept up to date by each insert's size change (as
+    /// the inserts are applied: at most a batch behind).
     sketch_bytes: usize,
+    /// Sketch inserts not yet applied (applied a batch at a time, and before a drain).
+    ops: SketchOps,
     /// Per `quantiles` metric: recent values' buckets (saves a logarithm per repeated value).
     quant_caches: Vec<PlaceCache>,
     /// Bad values per metric since the aggregator was made.
@@ -225,6 +230,14 @@ struct RuleState {
     /// `retention`, and the first bucket start still written (from the last `set_now`).
     retention: Option<std::time::Duration>,
     expire_before: i64,
+}
+
+impl RuleState {
+    /// Applies the queued sketch inserts.
+    fn apply_sketch_ops(&mut self) {
+        self.ops
+            .apply(&mut self.hlls, &mut self.quants, &mut self.sketch_bytes);
+    }
 }
 
 /// Accumulates records into per-rule rows until [`drain`](Aggregator::drain)ed.
@@ -276,6 +289,7 @@ impl Aggregator {
                     last_bucket: (i64::MAX, i64::MAX, 0),
                     bad: vec![0; accs_kind.len()],
                     sketch_bytes: 0,
+                    ops: SketchOps::default(),
                     accs_kind,
                     tables: Vec::new(),
                     table_index: hashbrown::HashMap::new(),
@@ -471,6 +485,7 @@ impl Aggregator {
             .iter_mut()
             .enumerate()
             .map(|(rule, st)| {
+                st.apply_sketch_ops();
                 // Dropping (not clearing) the tables returns their memory: a flush must not
                 // hold a full-size empty table next to the batch it is writing.
                 st.tables = Vec::new();
@@ -664,10 +679,7 @@ fn add_n<const N: usize>(
                 Acc::Min => Reading::Min,
                 Acc::Max => Reading::Max,
                 Acc::Distinct => {
-                    let h = &mut st.hlls[*acc as usize];
-                    let before = h.heap_bytes();
-                    h.insert(raw);
-                    st.sketch_bytes = (st.sketch_bytes + h.heap_bytes()).saturating_sub(before);
+                    st.ops.push_hll(*acc as u32, hll::hash(raw));
                     continue;
                 }
                 _ => Reading::Sum,
@@ -689,15 +701,18 @@ fn add_n<const N: usize>(
                 Acc::Max => *acc = (*acc).max(v),
                 Acc::Quantiles(p) => {
                     let cache = &mut st.quant_caches[usize::from(p)];
-                    let q = &mut st.quants[*acc as usize];
-                    let before = q.heap_bytes();
-                    if !q.insert_decimal_cached(Decimal(v), cache) {
-                        st.bad[m] += 1;
+                    // The rule's empty sketch of this accuracy places the value as the
+                    // row's would, without touching the row's.
+                    match st.quant_protos[usize::from(p)].place_decimal_cached(Decimal(v), cache) {
+                        Some(place) => st.ops.push_quantile(*acc as u32, place),
+                        None => st.bad[m] += 1,
                     }
-                    st.sketch_bytes = (st.sketch_bytes + q.heap_bytes()).saturating_sub(before);
                 }
                 Acc::Count | Acc::Distinct => unreachable!("handled above"),
             }
+        }
+        if st.ops.full() {
+            st.apply_sketch_ops();
         }
     }
 }

@@ -55,6 +55,8 @@ fn sketch_growth_is_tracked_exactly_and_reset_by_a_drain() {
             last = now;
         }
     }
+    // The total follows the inserts as they are applied (a batch at a time).
+    agg.rules.iter_mut().for_each(RuleState::apply_sketch_ops);
     let tracked = sketch_bytes(&agg);
     // 5,000 distinct hashes: the big key's hll holds its registers (the extension's 2^11).
     assert!(tracked >= 2048, "{tracked}");

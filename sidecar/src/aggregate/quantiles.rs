@@ -143,8 +143,10 @@ impl Quantiles {
         })
     }
 
+    /// Counts one value in bucket `p` (from [`place_decimal_cached`](Quantiles::place_decimal_cached)
+    /// of a sketch of the same accuracy).
     #[inline]
-    fn add_at(&mut self, p: Place) {
+    pub fn add_at(&mut self, p: Place) {
         match p {
             Place::Zero => self.zero += 1,
             Place::Pos(key) => self.pos.add(key, 1),
@@ -163,24 +165,33 @@ impl Quantiles {
     /// repeat, and a hit saves the logarithm. Same buckets as without the cache.
     #[inline]
     pub fn insert_decimal_cached(&mut self, d: Decimal, cache: &mut PlaceCache) -> bool {
-        let Ok(units) = i64::try_from(d.0) else {
-            return self.insert_decimal(d);
-        };
-        let slot = &mut cache.slots[cache_slot(units)];
-        if let Some((u, p)) = *slot {
-            if u == units {
-                self.add_at(p);
-                return true;
-            }
-        }
-        match self.place(decimal_to_f64(d)) {
+        match self.place_decimal_cached(d, cache) {
             Some(p) => {
-                *slot = Some((units, p));
                 self.add_at(p);
                 true
             }
             None => false,
         }
+    }
+
+    /// The bucket of an exact decimal in every sketch of this one's accuracy (`None`: not a
+    /// value a sketch holds), looked up in `cache` first. Touches only `cache` and this
+    /// sketch's accuracy, so the aggregator can place a value before it touches the row's
+    /// sketch ([`add_at`](Quantiles::add_at)).
+    #[inline]
+    pub fn place_decimal_cached(&self, d: Decimal, cache: &mut PlaceCache) -> Option<Place> {
+        let Ok(units) = i64::try_from(d.0) else {
+            return self.place(decimal_to_f64(d));
+        };
+        let slot = &mut cache.slots[cache_slot(units)];
+        if let Some((u, p)) = *slot {
+            if u == units {
+                return Some(p);
+            }
+        }
+        let p = self.place(decimal_to_f64(d))?;
+        *slot = Some((units, p));
+        Some(p)
     }
 
     /// Adds every value of `other`. Both must have the same accuracy.
@@ -289,9 +300,9 @@ impl Quantiles {
     }
 }
 
-/// Which bucket a value falls in.
+/// Which bucket a value falls in (of any sketch of the same accuracy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Place {
+pub enum Place {
     Zero,
     Pos(i32),
     Neg(i32),

@@ -4,23 +4,24 @@
 //! SQL form only see the non-empty buckets, keys ascending):
 //! - sparse: `(key, count)` of non-empty buckets, keys ascending (16 bytes a bucket), for
 //!   few buckets over a wide range;
-//! - dense: the counts of every key from `offset` to `offset + counts.len() − 1` (8 bytes a
+//! - dense: the counts of every key from `offset` to `offset + counts.len() − 1` (4 bytes a
 //!   key of the span, empty ones included), so adding a value is an index, not a binary
 //!   search and an insertion that moves the buckets after it.
 //!
 //! A side turns dense once it holds [`DENSE_MIN`] buckets or more and they span at most
 //! [`DENSE_SPAN_FACTOR`]× as many keys (dense bytes ≤ 2× the sparse ones, typically less
 //! as the sparse vector grows by half), and back to sparse when a value would stretch the
-//! span beyond [`SPARSE_SPAN_FACTOR`]× its non-empty buckets: memory stays within 48 bytes a
+//! span beyond [`SPARSE_SPAN_FACTOR`]× its non-empty buckets, or a count would pass
+//! `u32::MAX` (dense counts are 32-bit, sparse ones 64-bit): memory stays within 48 bytes a
 //! non-empty bucket. Request times between 1 µs and 100 s span at most 922 keys at α = 1%
-//! (7.4 KiB dense).
+//! (3.7 KiB dense).
 
 /// Fewest non-empty buckets for the dense form.
-const DENSE_MIN: usize = 16;
+const DENSE_MIN: usize = 8;
 /// Sparse → dense when span ≤ this × non-empty buckets.
-const DENSE_SPAN_FACTOR: usize = 4;
+const DENSE_SPAN_FACTOR: usize = 8;
 /// Dense → sparse when span would exceed this × non-empty buckets.
-const SPARSE_SPAN_FACTOR: usize = 6;
+const SPARSE_SPAN_FACTOR: usize = 12;
 
 #[derive(Debug, Clone)]
 pub(super) enum Buckets {
@@ -34,7 +35,7 @@ pub(super) struct Dense {
     offset: i32,
     /// Non-empty entries of `counts`.
     filled: u32,
-    counts: Vec<u64>,
+    counts: Vec<u32>,
 }
 
 impl Default for Buckets {
@@ -66,14 +67,14 @@ impl Buckets {
     pub(super) fn count(&self) -> u64 {
         match self {
             Buckets::Sparse(v) => v.iter().map(|&(_, c)| c).sum(),
-            Buckets::Dense(d) => d.counts.iter().sum(),
+            Buckets::Dense(d) => d.counts.iter().map(|&c| u64::from(c)).sum(),
         }
     }
 
     pub(super) fn heap_bytes(&self) -> usize {
         match self {
             Buckets::Sparse(v) => v.capacity() * std::mem::size_of::<(i32, u64)>(),
-            Buckets::Dense(d) => d.counts.capacity() * 8,
+            Buckets::Dense(d) => d.counts.capacity() * 4,
         }
     }
 
@@ -88,7 +89,7 @@ impl Buckets {
                 .iter()
                 .enumerate()
                 .filter(|&(_, &c)| c > 0)
-                .map(move |(i, &c)| (d.offset + i as i32, c))
+                .map(move |(i, &c)| (d.offset + i as i32, u64::from(c)))
         });
         sparse.iter().copied().chain(dense)
     }
@@ -99,18 +100,22 @@ impl Buckets {
         match self {
             Buckets::Dense(d) => {
                 let i = i64::from(key) - i64::from(d.offset);
-                if let Some(c) = usize::try_from(i).ok().and_then(|i| d.counts.get_mut(i)) {
-                    d.filled += u32::from(*c == 0);
-                    *c += n;
-                } else {
-                    self.add_outside(key, n);
+                let slot = usize::try_from(i).ok().and_then(|i| d.counts.get_mut(i));
+                match slot.map(|c| (c, u32::try_from(n).ok())) {
+                    Some((c, Some(n))) if c.checked_add(n).is_some() => {
+                        d.filled += u32::from(*c == 0);
+                        *c += n;
+                    }
+                    _ => self.add_outside(key, n),
                 }
             }
             Buckets::Sparse(v) => {
                 if sparse_add(v, key, n) && v.len() >= DENSE_MIN {
                     let span = span(v[0].0, v[v.len() - 1].0);
                     if span <= DENSE_SPAN_FACTOR * v.len() {
-                        *self = Buckets::Dense(to_dense(v, span));
+                        if let Some(d) = to_dense(v, span) {
+                            *self = Buckets::Dense(d);
+                        }
                     }
                 }
             }
@@ -118,7 +123,7 @@ impl Buckets {
     }
 
     /// A dense side's value outside its span: stretch the span, or turn sparse when it would
-    /// be too empty.
+    /// be too empty. Also a count that 32 bits cannot hold: turn sparse.
     #[cold]
     fn add_outside(&mut self, key: i32, n: u64) {
         let Buckets::Dense(d) = self else {
@@ -127,7 +132,9 @@ impl Buckets {
         let last = d.offset + d.counts.len() as i32 - 1;
         let (lo, hi) = (key.min(d.offset), key.max(last));
         let wide = span(lo, hi);
-        if wide > SPARSE_SPAN_FACTOR * (d.filled as usize + 1) {
+        let inside = (d.offset..=last).contains(&key);
+        let narrow = u32::try_from(n).ok();
+        if inside || narrow.is_none() || wide > SPARSE_SPAN_FACTOR * (d.filled as usize + 1) {
             let mut v: Vec<(i32, u64)> = Vec::with_capacity(d.filled as usize + 1);
             v.extend(self.iter());
             sparse_add(&mut v, key, n);
@@ -138,7 +145,7 @@ impl Buckets {
         counts.resize((d.offset - lo) as usize, 0);
         counts.extend_from_slice(&d.counts);
         counts.resize(wide, 0);
-        counts[(key - lo) as usize] = n;
+        counts[(key - lo) as usize] = narrow.expect("checked above");
         d.counts = counts;
         d.offset = lo;
         d.filled += 1;
@@ -165,17 +172,18 @@ fn span(lo: i32, hi: i32) -> usize {
     (i64::from(hi) - i64::from(lo) + 1) as usize
 }
 
-fn to_dense(v: &[(i32, u64)], span: usize) -> Dense {
+/// The dense form of a sparse side, unless a count needs more than 32 bits.
+fn to_dense(v: &[(i32, u64)], span: usize) -> Option<Dense> {
     let offset = v[0].0;
-    let mut counts = vec![0u64; span];
+    let mut counts = vec![0u32; span];
     for &(k, c) in v {
-        counts[(k - offset) as usize] = c;
+        counts[(k - offset) as usize] = u32::try_from(c).ok()?;
     }
-    Dense {
+    Some(Dense {
         offset,
         filled: v.len() as u32,
         counts,
-    }
+    })
 }
 
 /// Adds to a sparse side; true when the key is new.
@@ -248,7 +256,7 @@ mod tests {
             b.add(k * 2, 1);
         }
         assert!(matches!(b, Buckets::Dense(_)), "{b:?}");
-        assert_eq!(b.heap_bytes(), (2 * DENSE_MIN - 1) * 8);
+        assert_eq!(b.heap_bytes(), (2 * DENSE_MIN - 1) * 4);
         b.add(-1, 3);
         b.add(40, 1);
         assert!(matches!(b, Buckets::Dense(_)));
@@ -256,6 +264,32 @@ mod tests {
         assert!(matches!(b, Buckets::Sparse(_)), "{b:?}");
         assert_eq!(b.len(), DENSE_MIN + 3);
         assert_eq!(b.count(), DENSE_MIN as u64 + 5);
+    }
+
+    #[test]
+    fn counts_past_32_bits_turn_a_dense_side_sparse() {
+        for (key, n) in [(4, u64::from(u32::MAX)), (5, 1 << 40), (-3, 1 << 33)] {
+            let mut b = Buckets::default();
+            for k in 0..DENSE_MIN as i32 {
+                b.add(k, 1);
+            }
+            assert!(matches!(b, Buckets::Dense(_)), "{b:?}");
+            b.add(key, n);
+            assert!(matches!(b, Buckets::Sparse(_)), "{b:?}");
+            let want = model(
+                &(0..DENSE_MIN as i32)
+                    .map(|k| (k, 1))
+                    .chain([(key, n)])
+                    .collect::<Vec<_>>(),
+            );
+            assert_eq!(b.iter().collect::<Vec<_>>(), want);
+            // A sparse side holding a big count stays sparse however packed it gets.
+            for k in 0..64 {
+                b.add(k, 1);
+            }
+            assert!(matches!(b, Buckets::Sparse(_)), "{b:?}");
+            assert_eq!(b.count(), DENSE_MIN as u64 + n + 64);
+        }
     }
 
     proptest! {
