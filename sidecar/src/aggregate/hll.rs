@@ -173,6 +173,19 @@ impl Hll {
         }
     }
 
+    /// Reads the memory an insert of hash `h` would touch first, and nothing else: a loop of
+    /// these over many sketches has all their cache misses in flight at once, so the
+    /// inserts that follow find their lines in cache ([`crate::aggregate`]'s batched
+    /// inserts). Its result means nothing.
+    #[inline]
+    pub fn peek(&self, h: u64) -> u64 {
+        match &self.repr {
+            Repr::Empty => 0,
+            Repr::Explicit(hashes) => hashes.peek(h),
+            Repr::Registers(regs, _) => u64::from(regs[(h as usize) & (REGISTERS - 1)]),
+        }
+    }
+
     /// Adds every value of `other` (`hll_union`).
     pub fn merge(&mut self, other: &Hll) {
         match &other.repr {

@@ -143,6 +143,17 @@ impl Quantiles {
         })
     }
 
+    /// Reads the memory [`add_at`](Quantiles::add_at) of `p` would touch first, and nothing
+    /// else (see [`Hll::peek`](super::hll::Hll::peek)); the result means nothing.
+    #[inline]
+    pub fn peek(&self, p: Place) -> u64 {
+        match p {
+            Place::Zero => self.zero,
+            Place::Pos(key) => self.pos.peek(key),
+            Place::Neg(key) => self.neg.peek(key),
+        }
+    }
+
     /// Counts one value in bucket `p` (from [`place_decimal_cached`](Quantiles::place_decimal_cached)
     /// of a sketch of the same accuracy).
     #[inline]

@@ -4,8 +4,10 @@
 //! pending: adding one event's value to its row's sketch nearly always misses the cache. Done
 //! as the event is read, each miss waits alone, a thousand instructions from the next. So the
 //! aggregator does everything that needs no sketch at once (the value's hash, its bucket,
-//! the bad-value check) and queues the insert here; a full queue is applied in one tight
-//! loop, where the processor overlaps the misses of many inserts.
+//! the bad-value check) and queues the insert here. A full queue is applied in two tight
+//! loops: the first only reads the line each insert touches (loads that do not wait on each
+//! other, so the processor has the misses of the whole batch in flight together), the
+//! second inserts into lines now in cache.
 //!
 //! Inserts are additions (a set union, bucket counts), so their order changes nothing: a
 //! sketch after [`SketchOps::apply`] is the sketch the same inserts made one by one. Nothing
@@ -57,6 +59,16 @@ impl SketchOps {
         quants: &mut [Quantiles],
         sketch_bytes: &mut usize,
     ) {
+        // First only read what each insert touches: these loads do not wait on each other,
+        // so their misses overlap. The inserts then find their lines in cache.
+        let mut touched = 0u64;
+        for &(i, hash) in &self.hll {
+            touched ^= hlls[i as usize].peek(hash);
+        }
+        for &(i, place) in &self.quant {
+            touched ^= quants[i as usize].peek(place);
+        }
+        std::hint::black_box(touched);
         let mut bytes = *sketch_bytes;
         for &(i, hash) in &self.hll {
             let h = &mut hlls[i as usize];

@@ -83,6 +83,12 @@ impl ExplicitSet {
         Inserted::New
     }
 
+    /// The slot an insert of `h` probes first (read only: see [`super::Hll::peek`]).
+    #[inline]
+    pub(super) fn peek(&self, h: u64) -> u64 {
+        self.slots[slot_of(h, self.slots.len() - 1)]
+    }
+
     /// Every hash, in no particular order.
     pub(super) fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         let zero = self.zero.then_some(0);

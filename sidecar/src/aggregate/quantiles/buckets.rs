@@ -122,6 +122,20 @@ impl Buckets {
         }
     }
 
+    /// Reads the memory adding to bucket `key` would touch first (see `Hll::peek`); the
+    /// result means nothing.
+    #[inline]
+    pub(super) fn peek(&self, key: i32) -> u64 {
+        match self {
+            Buckets::Dense(d) => {
+                let i = (i64::from(key) - i64::from(d.offset)).clamp(0, d.counts.len() as i64 - 1);
+                d.counts.get(i as usize).map_or(0, |&c| u64::from(c))
+            }
+            // The middle of a binary search's range: its first probe.
+            Buckets::Sparse(v) => v.get(v.len() / 2).map_or(0, |&(_, c)| c),
+        }
+    }
+
     /// A dense side's value outside its span: stretch the span, or turn sparse when it would
     /// be too empty. Also a count that 32 bits cannot hold: turn sparse.
     #[cold]
