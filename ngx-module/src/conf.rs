@@ -75,6 +75,7 @@ impl MainConf {
             flush: spool.options.flush,
             fsync_every: spool.options.fsync,
             queue: spool.options.queue,
+            stop_timeout: spool.options.stop_timeout,
         })
     }
 }
@@ -222,7 +223,7 @@ unsafe fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
     unsafe { (*(*cf).args).as_slice::<ngx_str_t>() }
 }
 
-/// `logtally_spool <dir> [segment_size=] [flush=] [queue=] [fsync=];`
+/// `logtally_spool <dir> [segment_size=] [flush=] [queue=] [fsync=] [stop_timeout=];`
 ///
 /// # Safety
 /// Only nginx calls this, as a directive handler, with its live configuration context.

@@ -23,6 +23,8 @@ pub const MAX_QUEUE_BYTES: u64 = 1 << 30;
 pub const DEFAULT_QUEUE: Bound = Bound::Bytes(64 << 20);
 /// Longest `flush` interval; events older than this are not "real time" any more.
 pub const MAX_FLUSH: Duration = Duration::from_secs(60);
+/// Longest `stop_timeout`: a worker shutting down must not linger longer.
+pub const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Settings of the `logtally_spool` directive besides its folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +37,8 @@ pub struct SpoolOptions {
     pub queue: Bound,
     /// How often the open segment is fdatasync'ed; `None` for `fsync=off`.
     pub fsync: Option<Duration>,
+    /// How long a worker that exits waits for its writer to drain, fsync and seal.
+    pub stop_timeout: Duration,
 }
 
 impl Default for SpoolOptions {
@@ -44,6 +48,7 @@ impl Default for SpoolOptions {
             flush: Duration::from_millis(100),
             queue: DEFAULT_QUEUE,
             fsync: Some(Duration::from_secs(1)),
+            stop_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -51,7 +56,9 @@ impl Default for SpoolOptions {
 /// Why a `logtally_spool` option or a `logtally_field` argument is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OptionError {
-    #[error("unknown option \"{0}\" (expected segment_size=, flush=, queue= or fsync=)")]
+    #[error(
+        "unknown option \"{0}\" (expected segment_size=, flush=, queue=, fsync= or stop_timeout=)"
+    )]
     Unknown(String),
     #[error("option \"{0}\" given twice")]
     Duplicate(&'static str),
@@ -157,7 +164,7 @@ where
     I: IntoIterator<Item = &'a [u8]>,
 {
     let mut opts = SpoolOptions::default();
-    let mut seen = [false; 4];
+    let mut seen = [false; 5];
     for arg in args {
         let Some(eq) = arg.iter().position(|&b| b == b'=') else {
             return Err(OptionError::Unknown(lossy(arg)));
@@ -168,6 +175,7 @@ where
             b"flush" => (1, "flush"),
             b"queue" => (2, "queue"),
             b"fsync" => (3, "fsync"),
+            b"stop_timeout" => (4, "stop_timeout"),
             _ => return Err(OptionError::Unknown(lossy(arg))),
         };
         if std::mem::replace(&mut seen[slot], true) {
@@ -193,6 +201,15 @@ where
                     })?;
             }
             2 => opts.queue = parse_queue(value).ok_or_else(|| OptionError::Queue(lossy(value)))?,
+            4 => {
+                opts.stop_timeout = parse_time(value)
+                    .filter(|d| *d >= Duration::from_millis(1) && *d <= MAX_STOP_TIMEOUT)
+                    .ok_or_else(|| OptionError::Time {
+                        key: name,
+                        value: lossy(value),
+                        range: "1ms to 10m",
+                    })?;
+            }
             _ => {
                 opts.fsync = if value == b"off" {
                     None
@@ -365,6 +382,10 @@ mod tests {
             opts(&["fsync=5s"]).unwrap().fsync,
             Some(Duration::from_secs(5))
         );
+        assert_eq!(
+            opts(&["stop_timeout=30s"]).unwrap().stop_timeout,
+            Duration::from_secs(30)
+        );
     }
 
     #[test]
@@ -381,6 +402,12 @@ mod tests {
             opts(&["flush=soon"]),
             Err(OptionError::Time { .. })
         ));
+        for bad in ["stop_timeout=0", "stop_timeout=11m", "stop_timeout=never"] {
+            assert!(
+                matches!(opts(&[bad]), Err(OptionError::Time { .. })),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             opts(&["flush=0ms"]),
             Err(OptionError::Time { .. })

@@ -13,10 +13,6 @@ use crate::counters::SharedCounters;
 use crate::queue::EventQueue;
 use crate::writer::{self, Level, WriterConfig, WriterHandle};
 
-/// How long `exit_process` waits for the writer to drain and seal. A write stuck on a
-/// stalled disk must not keep an old worker "shutting down" forever.
-pub const STOP_LIMIT: Duration = Duration::from_secs(3);
-
 /// What the log-phase handler needs, per worker.
 pub struct Feeder {
     /// `None` when the writer thread could not start: every event is then a drop.
@@ -29,7 +25,10 @@ thread_local! {
     /// lifecycle hooks: no lock on the request path (the queue has its own).
     static FEEDER: RefCell<Option<Feeder>> = const { RefCell::new(None) };
 }
-static WRITER: Mutex<Option<WriterHandle>> = Mutex::new(None);
+/// The writer thread, and how long `exit_process` waits for it to drain and seal
+/// (`stop_timeout=`): a write stuck on a stalled disk must not keep an old worker "shutting
+/// down" forever.
+static WRITER: Mutex<Option<(WriterHandle, Duration)>> = Mutex::new(None);
 
 /// Set when `exit_process` gives up on a stuck writer: nginx is about to free the cycle
 /// (and its log), so the thread left behind must not log any more.
@@ -82,6 +81,7 @@ pub fn submit<'v>(time_ms: u64, values: impl IntoIterator<Item = Option<&'v [u8]
 /// alive as long as the worker.
 pub unsafe fn start(log: *mut ngx_log_t, counters: &'static SharedCounters, config: WriterConfig) {
     let queue = Arc::new(EventQueue::new(config.queue));
+    let stop_timeout = config.stop_timeout;
     let cycle_log = CycleLog(log);
     let handle = with_signals_blocked(|| {
         writer::spawn(
@@ -94,7 +94,7 @@ pub unsafe fn start(log: *mut ngx_log_t, counters: &'static SharedCounters, conf
     let queue = match handle {
         Ok(h) => {
             if let Ok(mut w) = WRITER.lock() {
-                *w = Some(h);
+                *w = Some((h, stop_timeout));
             }
             Some(queue)
         }
@@ -112,21 +112,22 @@ pub unsafe fn start(log: *mut ngx_log_t, counters: &'static SharedCounters, conf
 }
 
 /// Stops the writer: no more events are queued, the thread drains, fsyncs and seals, and
-/// this waits for it up to [`STOP_LIMIT`].
+/// this waits for it up to the spool's `stop_timeout`.
 ///
 /// # Safety
 /// Call from `exit_process`; `log` must be the cycle's log.
 pub unsafe fn stop(log: *mut ngx_log_t) {
     FEEDER.take();
     let handle = WRITER.lock().ok().and_then(|mut w| w.take());
-    if let Some(h) = handle {
-        if !h.stop(STOP_LIMIT) {
+    if let Some((h, limit)) = handle {
+        if !h.stop(limit) {
             LOG_CLOSED.store(true, Ordering::Release);
             ngx::ngx_log_error!(
                 NGX_LOG_ALERT,
                 log,
-                "logtally: the writer did not finish within {}s; its segment stays unsealed",
-                STOP_LIMIT.as_secs()
+                "logtally: the writer did not finish within stop_timeout={}ms; its segment \
+                 stays unsealed (the sidecar reads it once the worker is gone)",
+                limit.as_millis()
             );
         }
     }

@@ -26,6 +26,8 @@ pub struct WriterConfig {
     pub fsync_every: Option<Duration>,
     /// What the worker's queue may hold (both of its buffers).
     pub queue: Bound,
+    /// How long a stopping worker waits for the writer ([`WriterHandle::stop`]).
+    pub stop_timeout: Duration,
 }
 
 /// Severity of a message the writer reports through its logging callback.
@@ -277,6 +279,7 @@ mod tests {
             flush: Duration::from_millis(5),
             fsync_every: None,
             queue: Bound::Records(1000),
+            stop_timeout: Duration::from_secs(3),
         }
     }
 

@@ -28,7 +28,7 @@ fn bad_configurations_fail_nginx_t_naming_the_directive() {
     );
 
     let field = |line: &str| GOOD.replace("logtally_field a $arg_a;", line);
-    let spool = |line: &str| GOOD.replace("logtally_spool @DIR@/spool;", line);
+    let spool = |line: &str| GOOD.replace("logtally_spool @DIR@/spool stop_timeout=15s;", line);
     assert_rejected(
         &field("logtally_field a $arg_a; logtally_field b \"x$no_such_thing\";"),
         |_| {},
@@ -63,6 +63,11 @@ fn bad_configurations_fail_nginx_t_naming_the_directive() {
         &spool("logtally_spool @DIR@/spool fsync=never;"),
         |_| {},
         &["\"logtally_spool\" directive", "fsync"],
+    );
+    assert_rejected(
+        &spool("logtally_spool @DIR@/spool stop_timeout=forever;"),
+        |_| {},
+        &["\"logtally_spool\" directive", "stop_timeout", "forever"],
     );
     assert_rejected(
         &spool("logtally_spool @DIR@/afile/spool;"),

@@ -56,8 +56,11 @@ fn assert_clean(segs: &[SegmentContents]) {
     }
 }
 
+/// The tests' spools wait up to 15 s (not the default 3 s) for a stopping worker's writer:
+/// they assert that a clean quit seals every segment, and a disk shared with a whole test
+/// suite can take longer than 3 s to fsync (the harness waits 20 s for nginx to exit).
 const GOOD: &str = r#"
-    logtally_spool @DIR@/spool;
+    logtally_spool @DIR@/spool stop_timeout=15s;
     server {
         listen 127.0.0.1:@PORT@;
         logtally on;
@@ -109,7 +112,7 @@ impl Drop for TmpfsMount {
 
 const ODD_CONF: &str = r#"
     large_client_header_buffers 4 128k;
-    logtally_spool @DIR@/spool flush=20ms;
+    logtally_spool @DIR@/spool flush=20ms stop_timeout=15s;
     server {
         listen 127.0.0.1:@PORT@;
         logtally on;

@@ -11,7 +11,7 @@ use logtally_e2e::nginx::{read_spool, HttpClient, TestNginx};
 use super::{all_events, assert_clean, id_of, status, status_value, TmpfsMount};
 
 const PAD_CONF: &str = r#"
-    logtally_spool @DIR@/spool flush=20ms fsync=off;
+    logtally_spool @DIR@/spool flush=20ms fsync=off stop_timeout=15s;
     server {
         listen 127.0.0.1:@PORT@;
         logtally on;
@@ -104,7 +104,7 @@ fn a_full_queue_drops_counts_and_marks_the_spool() {
 fn a_full_queue_drops_counts_and_marks(queue: &str) {
     const TOTAL: u64 = 400;
     let conf = r#"
-        logtally_spool @DIR@/spool flush=1s queue=@QUEUE@;
+        logtally_spool @DIR@/spool flush=1s queue=@QUEUE@ stop_timeout=15s;
         server {
             listen 127.0.0.1:@PORT@;
             logtally on;
@@ -319,7 +319,7 @@ fn a_frozen_disk_holds_a_worker_to_its_byte_queue_and_every_drop_is_counted() {
 #[test]
 fn a_stalled_disk_never_stalls_requests_or_reloads() {
     let conf = r#"
-        logtally_spool @DIR@/spool flush=20ms;
+        logtally_spool @DIR@/spool flush=20ms stop_timeout=2s;
         server {
             listen 127.0.0.1:@PORT@;
             logtally on;
@@ -376,7 +376,7 @@ fn a_stalled_disk_never_stalls_requests_or_reloads() {
         "old workers giving up on their writers",
         || {
             n.error_log()
-                .matches("the writer did not finish within 3s")
+                .matches("the writer did not finish within stop_timeout=2000ms")
                 .count()
                 >= 1
         },

@@ -10,7 +10,7 @@ use logtally_e2e::nginx::{read_spool, send_signal, HttpClient, SegmentContents, 
 use super::{all_events, assert_clean, id_of};
 
 const PID_CONF: &str = r#"
-    logtally_spool @DIR@/spool flush=20ms;
+    logtally_spool @DIR@/spool flush=20ms stop_timeout=15s;
     server {
         listen 127.0.0.1:@PORT@;
         logtally on;

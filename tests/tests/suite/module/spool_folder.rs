@@ -65,7 +65,7 @@ fn the_spool_folder_is_the_worker_users_with_group_access_as_documented() {
 #[test]
 fn segments_deleted_by_hand_are_noticed_counted_and_replaced() {
     let conf = r#"
-        logtally_spool @DIR@/spool flush=20ms fsync=1s;
+        logtally_spool @DIR@/spool flush=20ms fsync=1s stop_timeout=15s;
         server {
             listen 127.0.0.1:@PORT@;
             logtally on;

@@ -66,7 +66,7 @@ fn status_is_valid_prometheus_text_with_the_counts_sent() {
 fn status_scrapes_are_never_recorded_even_where_logtally_is_on() {
     const REQUESTS: u64 = 5;
     let conf = r#"
-        logtally_spool @DIR@/spool flush=20ms;
+        logtally_spool @DIR@/spool flush=20ms stop_timeout=15s;
         logtally on;
         logtally_field uri $uri;
         server {

@@ -85,7 +85,7 @@ impl Sent {
 }
 
 const FIELDS_CONF: &str = r#"
-    logtally_spool @DIR@/spool flush=20ms segment_size=64k;
+    logtally_spool @DIR@/spool flush=20ms segment_size=64k stop_timeout=15s;
     log_format lt '$arg_id\t$arg_ad\t$arg_ev\t$status\t$http_x_tag\t$msec';
     server {
         listen 127.0.0.1:@PORT@;
@@ -190,7 +190,7 @@ fn compared_conf(pairs: &[(&str, &str)], http_extra: &str, server_body: &str) ->
         .map(|(_, value)| value.trim_matches('"'))
         .collect();
     format!(
-        "logtally_spool @DIR@/spool flush=20ms;
+        "logtally_spool @DIR@/spool flush=20ms stop_timeout=15s;
         {fields}
         log_format same '{}';
         {http_extra}
@@ -433,7 +433,7 @@ fn subrequests_are_recorded_with_log_subrequest_and_leave_the_main_status_alone(
 #[test]
 fn internal_redirects_record_the_final_location_and_args_stay_raw() {
     let conf = r#"
-        logtally_spool @DIR@/spool flush=20ms;
+        logtally_spool @DIR@/spool flush=20ms stop_timeout=15s;
         log_format where '$uri\t$arg_q';
         logtally on;
         server {
