@@ -516,6 +516,15 @@ impl Aggregator {
     }
 }
 
+/// Makes room for `more` items, growing the capacity by a quarter (at least 64 items)
+/// when it is short.
+#[inline]
+fn grow_by_a_quarter<T>(v: &mut Vec<T>, more: usize) {
+    if v.capacity() - v.len() < more {
+        v.reserve_exact(more.max(v.len() / 4).max(64));
+    }
+}
+
 /// Decodes the values a layout needs into `vals`, then adds the record to every rule.
 #[inline]
 fn add_with(
@@ -627,6 +636,13 @@ fn add_n<const N: usize>(
                     len: key.len() as u32,
                     idx: st.keys.len() as u32,
                 };
+                // Per-key vectors grow by a quarter, not double: a doubling is one step of
+                // memory the pending bound cannot see coming (`max_pending_memory`).
+                grow_by_a_quarter(&mut st.keys, 1);
+                grow_by_a_quarter(&mut st.arena, key.len());
+                grow_by_a_quarter(&mut st.accs, n);
+                grow_by_a_quarter(&mut st.hlls, 1);
+                grow_by_a_quarter(&mut st.quants, 1);
                 st.keys.push(k);
                 st.arena.extend_from_slice(key);
                 for &a in &st.accs_kind {

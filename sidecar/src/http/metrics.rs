@@ -207,7 +207,8 @@ impl Metrics {
         )?;
         let pending_bytes = int_gauge(
             "logtally_pending_bytes",
-            "Estimated bytes of the aggregates held in memory (sketches included), all rules.",
+            "Estimated bytes of the aggregates held in memory (sketches included), all rules: \
+             pending and being committed (what max_pending_memory bounds).",
         )?;
         let segments_open = int_gauge(
             "logtally_segments_open",

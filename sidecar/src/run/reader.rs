@@ -18,7 +18,7 @@ use tokio::sync::{oneshot, Notify};
 use tracing::{error, warn};
 
 use super::missing_fields::{MissingFieldStatus, MissingFields};
-use super::pending_limit::PendingLimit;
+use super::pending_limit::{Growth, PendingLimit};
 use super::DaemonError;
 use crate::aggregate::{Aggregator, DrainedRows, RuleTop, TopKeys};
 use crate::config::Config;
@@ -26,10 +26,9 @@ use crate::http::metrics::Metrics;
 use crate::http::status::TOP_KEYS_SHOWN;
 use crate::spool::tail::{Position, SegmentEvent, SegmentStatus, TailStats, Tailer, TailerOptions};
 
-/// Bytes of spool one reader poll may consume before it looks at its commands again.
+/// Most bytes of spool one reader poll may consume before it looks at its commands again
+/// (fewer as the pending state nears a bound: [`PendingLimit::budget`]).
 const POLL_BUDGET: u64 = 4 << 20;
-/// The poll budget once the aggregator is half way to `max_pending_keys`.
-const SMALL_POLL_BUDGET: u64 = 64 << 10;
 /// How long the reader sleeps when the spool has nothing new.
 const IDLE_POLL: Duration = Duration::from_millis(50);
 /// How often the status page's top keys are recomputed (a scan of the current bucket).
@@ -75,7 +74,7 @@ pub(crate) struct ReaderView {
     pub dropped_events: u64,
     /// Per rule, the current bucket's largest keys (drained plus pending).
     pub top_keys: Vec<RuleTop>,
-    /// Approximate memory of the pending aggregates.
+    /// Approximate memory of the pending aggregates and of the batch being committed.
     pub pending_bytes: u64,
     /// Segments not finished (a writer holds them, or not read to their end yet).
     pub open_segments: usize,
@@ -114,6 +113,12 @@ struct Reader {
     /// When the top keys were last computed (`None`: at the next publish).
     top_keys_at: Option<Instant>,
     missing_fields: MissingFields,
+    /// How the previous poll grew the pending state (`None` after a drain).
+    growth: Option<Growth>,
+    /// (keys, estimated bytes) of the batch drained and not yet committed: the bounds on
+    /// pending state count it, so a flush waiting on the database does not let a second
+    /// batch as large fill beside it.
+    in_flight: (usize, u64),
 }
 
 impl Reader {
@@ -128,10 +133,7 @@ impl Reader {
                     Err(std_mpsc::TryRecvError::Disconnected) => return,
                 }
             }
-            let (keys, bytes) = (
-                self.aggregator.pending_keys(),
-                self.aggregator.pending_bytes(),
-            );
+            let (keys, bytes) = self.held();
             let full = PendingLimit::of(&self.config).full(keys, bytes);
             let more = if self.stopped || full {
                 if full {
@@ -151,6 +153,15 @@ impl Reader {
         }
     }
 
+    /// (keys, estimated bytes) the bounds on pending state apply to: the aggregator's and
+    /// the batch being committed.
+    fn held(&self) -> (usize, u64) {
+        (
+            self.aggregator.pending_keys() + self.in_flight.0,
+            self.aggregator.pending_bytes() + self.in_flight.1,
+        )
+    }
+
     /// One tailer poll into the aggregator. Returns whether more is waiting.
     fn poll(&mut self) -> bool {
         let Reader {
@@ -161,12 +172,14 @@ impl Reader {
             missing_fields,
             config,
             metrics,
+            growth,
+            in_flight,
             ..
         } = self;
-        // Near the key bound, read in small steps so the bound is not overshot by much.
-        let near =
-            PendingLimit::of(config).near(aggregator.pending_keys(), aggregator.pending_bytes());
-        let budget = if near { SMALL_POLL_BUDGET } else { POLL_BUDGET };
+        // Read in steps that the bounds on pending state are not passed by much.
+        let before = (aggregator.pending_keys(), aggregator.pending_bytes());
+        let held = (before.0 + in_flight.0, before.1 + in_flight.1);
+        let budget = PendingLimit::of(config).budget(held.0, held.1, *growth, POLL_BUDGET);
         aggregator.set_now(crate::now_ms() as i64);
         let result = tailer.poll(budget, &mut |event| match event {
             SegmentEvent::Record {
@@ -192,8 +205,12 @@ impl Reader {
             SegmentEvent::Abandoned { torn_bytes, .. } if torn_bytes > 0 => *torn_discarded += 1,
             _ => {}
         });
+        let after = (aggregator.pending_keys(), aggregator.pending_bytes());
         let more = match result {
-            Ok(stats) => stats.more,
+            Ok(stats) => {
+                *growth = Growth::measure(before, after, stats.bytes).or(*growth);
+                stats.more
+            }
             Err(error) => {
                 warn!(dir = %self.tailer.dir().display(), %error, "cannot read the spool folder");
                 false
@@ -217,7 +234,7 @@ impl Reader {
             .inc_by(s.truncated_segments - self.reported.truncated_segments);
         m.segments_open.set(self.tailer.segments_open() as i64);
         m.pending_keys.set(self.aggregator.pending_keys() as i64);
-        let pending_bytes = self.aggregator.pending_bytes();
+        let pending_bytes = self.held().1;
         m.pending_bytes.set(pending_bytes as i64);
         self.reported = s;
         self.torn_discarded = 0;
@@ -268,7 +285,10 @@ impl Reader {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Drain { last, reply } => {
+                self.in_flight = self.held();
                 let rules = self.aggregator.drain_compact();
+                // Empty state grows fastest (every key is new): no rate from before holds.
+                self.growth = None;
                 self.top_keys.fold(&rules);
                 self.top_keys_at = None;
                 let drained = Drained {
@@ -281,6 +301,7 @@ impl Reader {
                 let _ = reply.send(drained);
             }
             Command::Committed { positions, reply } => {
+                self.in_flight = (0, 0);
                 let removed =
                     self.tailer
                         .remove_finished(&positions, SystemTime::now(), self.config.retain);
@@ -342,6 +363,8 @@ impl ReaderHandle {
             top_keys,
             top_keys_at: None,
             missing_fields: MissingFields::default(),
+            growth: None,
+            in_flight: (0, 0),
         };
         let thread = std::thread::Builder::new()
             .name("logtally-reader".into())
