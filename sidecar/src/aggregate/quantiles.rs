@@ -22,7 +22,7 @@
 //! ⌈ln(10⁸)/ln γ⌉ + 1 = 922 buckets at α = 1%.
 //!
 //! In memory: 88 bytes inline, and per side either 16 bytes per non-empty bucket or, when
-//! the buckets are packed, 8 bytes per key of their span (see `buckets.rs`; at most 48 bytes
+//! the buckets are packed, 4 bytes per key of their span (see `buckets.rs`; at most 48 bytes
 //! a non-empty bucket, [`Quantiles::heap_bytes`]).
 
 mod buckets;
