@@ -482,6 +482,36 @@ fn conditions_numeric_lists_and_sketches() {
     assert_eq!(agg.bad_values()[0], vec![0, 0, 1, 1, 1, 1, 0, 1]);
 }
 
+/// A sum that would pass `i128` leaves the value out and counts it, and goes on adding the
+/// values that fit. (Reaching it takes ~10¹¹ values of the largest size a field may hold,
+/// 10¹⁸, so the test starts the accumulator near the limit.)
+#[test]
+fn a_sum_that_would_overflow_leaves_the_value_out_and_counts_it() {
+    let rules = vec![rule(
+        "t",
+        60,
+        &[],
+        &[("n", MetricKind::Count), ("s", MetricKind::Sum("v".into()))],
+    )];
+    let mut agg = Aggregator::new(&rules);
+    let header = fields(&["v"]);
+    with_record(1000, &[s("1")], |r| agg.add_cached(1, &header, r));
+    let near = i128::MAX - 3 * Decimal::ONE;
+    agg.rules[0].accs[1] = near;
+    // 999999999999999999 (the largest integer part) would overflow; 2 still fits, then 1.5
+    // would not.
+    for v in ["999999999999999999", "2", "1.5"] {
+        with_record(1000, &[s(v)], |r| agg.add_cached(1, &header, r));
+    }
+    assert_eq!(agg.rule_counters()[0].overflows, 2);
+    let rows = agg.drain();
+    assert_eq!(rows[0].rows[0].metrics[0], MetricValue::Count(4));
+    assert_eq!(
+        rows[0].rows[0].metrics[1],
+        MetricValue::Decimal(Some(Decimal(near + 2 * Decimal::ONE)))
+    );
+}
+
 /// Times after year 9999 are skipped and counted; the last millisecond of 9999 is kept.
 #[test]
 fn unstorable_times_are_counted_and_skipped() {

@@ -203,7 +203,8 @@ impl Metrics {
         )?;
         let pending_keys = int_gauge(
             "logtally_pending_keys",
-            "Aggregate keys held in memory, all rules.",
+            "Aggregate keys held in memory, all rules: pending and being committed \
+             (what max_pending_keys bounds).",
         )?;
         let pending_bytes = int_gauge(
             "logtally_pending_bytes",

@@ -233,7 +233,7 @@ impl Reader {
         m.decode_errors
             .inc_by(s.truncated_segments - self.reported.truncated_segments);
         m.segments_open.set(self.tailer.segments_open() as i64);
-        m.pending_keys.set(self.aggregator.pending_keys() as i64);
+        m.pending_keys.set(self.held().0 as i64);
         let pending_bytes = self.held().1;
         m.pending_bytes.set(pending_bytes as i64);
         self.reported = s;

@@ -5,6 +5,7 @@
 //! Run one area with a filter: `cargo test --release -p logtally-e2e --test suite module::`.
 
 mod aggregates;
+mod bare_segments;
 mod chaos;
 mod citus;
 mod e2e;
