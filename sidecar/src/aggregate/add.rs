@@ -137,19 +137,19 @@ fn add_n<const N: usize>(
                 grow_by_a_quarter(&mut st.keys, 1);
                 grow_by_a_quarter(&mut st.arena, key.len());
                 grow_by_a_quarter(&mut st.accs, n);
-                grow_by_a_quarter(&mut st.hlls, 1);
-                grow_by_a_quarter(&mut st.quants, 1);
                 st.keys.push(k);
                 st.arena.extend_from_slice(key);
                 for &a in &st.accs_kind {
                     let initial = match a {
                         Acc::Distinct => {
+                            grow_by_a_quarter(&mut st.hlls, 1);
                             st.hlls.push(Hll::new());
                             (st.hlls.len() - 1) as i128
                         }
                         Acc::Quantiles(p) => {
                             let q = st.quant_protos[usize::from(p)].clone();
                             st.sketch_bytes += q.heap_bytes();
+                            grow_by_a_quarter(&mut st.quants, 1);
                             st.quants.push(q);
                             (st.quants.len() - 1) as i128
                         }
